@@ -1,0 +1,5 @@
+"""Errors a user can act on."""
+
+
+class UserError(Exception):
+    """Bad input a user can fix: the CLI prints the message as one sentence and exits 2, no traceback."""

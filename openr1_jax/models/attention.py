@@ -1,0 +1,96 @@
+"""Attention shared by MLA and GQA: masks for packed causal rows, the XLA dot-product attention, and the
+grouped-query attention of the dense students.
+
+Legend beyond `layers.py`: G query heads per key/value head, O value head dim (differs from H in MLA).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from openr1_jax.models.config import GQAConfig
+from openr1_jax.models.layers import Dtype, Linear
+from openr1_jax.models.rope import apply_rope
+
+
+def causal_segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+    """[B, T, S] True where query t may attend key s: s <= t and both lie in the same packed segment."""
+    T = segment_ids_BxT.shape[1]
+    causal_TxS = jnp.tril(jnp.ones((T, T), dtype=bool))
+    same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return causal_TxS[None] & same_BxTxS
+
+
+def dot_product_attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxMxH: jax.Array,
+    v_BxSxMxO: jax.Array,
+    mask_BxTxS: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """softmax(q k^T * scale + mask) v with the softmax in float32; N = M * G query heads share a key head."""
+    B, T, N, H = q_BxTxNxH.shape
+    M = k_BxSxMxH.shape[2]
+    q_BxTxMxGxH = q_BxTxNxH.reshape(B, T, M, N // M, H)
+    scores = jnp.einsum("BTMGH,BSMH->BMGTS", q_BxTxMxGxH, k_BxSxMxH, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxMxO.dtype)
+    out = jnp.einsum("BMGTS,BSMO->BTMGO", probs, v_BxSxMxO)
+    return out.reshape(B, T, N, v_BxSxMxO.shape[-1])
+
+
+def attention(q, k, v, mask_BxTxS, scale: float, impl: str) -> jax.Array:
+    """Backend switch (`attention_impl` in the model config)."""
+    if impl == "xla":
+        return dot_product_attention(q, k, v, mask_BxTxS, scale)
+    raise ValueError(f"unknown attention_impl '{impl}'")
+
+
+class GQAttention(nnx.Module):
+    """Qwen2/Llama attention: q, k, v projections (optional biases), rotary on q and k, M <= N kv heads."""
+
+    def __init__(self, cfg: GQAConfig, *, param_dtype: Dtype, dtype: Dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, M, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        bias = cfg.qkv_bias
+        self.q_proj = Linear(
+            "BTD,DNH->BTNH",
+            (D, N, H),
+            ("embed", "q_heads", "head_dim"),
+            bias_shape=(N, H) if bias else None,
+            bias_axes=("q_heads", "head_dim"),
+            **kw,
+        )
+        self.k_proj = Linear(
+            "BTD,DMH->BTMH",
+            (D, M, H),
+            ("embed", "kv_heads", "head_dim"),
+            bias_shape=(M, H) if bias else None,
+            bias_axes=("kv_heads", "head_dim"),
+            **kw,
+        )
+        self.v_proj = Linear(
+            "BTD,DMH->BTMH",
+            (D, M, H),
+            ("embed", "kv_heads", "head_dim"),
+            bias_shape=(M, H) if bias else None,
+            bias_axes=("kv_heads", "head_dim"),
+            **kw,
+        )
+        self.o_proj = Linear(
+            "BTNH,NHD->BTD",
+            (N, H, D),
+            ("q_heads", "head_dim", "embed"),
+            bias_shape=(D,) if cfg.o_bias else None,
+            bias_axes=("embed",),
+            **kw,
+        )
+
+    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
+        q = apply_rope(self.q_proj(x_BxTxD), cos, sin, interleaved=False)
+        k = apply_rope(self.k_proj(x_BxTxD), cos, sin, interleaved=False)
+        out_BxTxNxH = attention(q, k, self.v_proj(x_BxTxD), mask_BxTxS, self.cfg.softmax_scale, self.cfg.impl)
+        return self.o_proj(out_BxTxNxH)

@@ -1,0 +1,75 @@
+"""`load_model(path)`: a Hugging Face folder or an openr1-jax checkpoint -> a ready `CausalLM`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from openr1_jax.errors import UserError
+from openr1_jax.models.params import abstract_model, assign, flat_variables
+from openr1_jax.models.transformer import CausalLM
+
+
+def load_model(
+    path: str | Path,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    **overrides,
+) -> CausalLM:
+    """Load a model for inference or training.
+
+    path: a Hugging Face folder (config.json + safetensors) or an openr1-jax checkpoint folder.
+    dtype: compute dtype; param_dtype: storage dtype of the parameters (default: same as dtype).
+    mesh: place every parameter on this mesh according to its logical axes.
+    overrides: ModelConfig fields that do not change the parameters (e.g. attention_impl="xla", moe_impl="dense").
+    """
+    from openr1_jax.convert import checkpoint as ckpt
+    from openr1_jax.convert.hf_to_jax import iter_params, plan_conversion
+    from openr1_jax.convert.safetensors_io import SafetensorsReader
+    from openr1_jax.sharding.rules import named_sharding
+
+    path = Path(path)
+    param_dtype = param_dtype or dtype
+    if not path.exists():
+        raise UserError(f"model path {path} does not exist")
+
+    def shardings(model) -> dict[str, jax.sharding.Sharding | None]:
+        from openr1_jax.models.params import logical_axes
+
+        return {
+            name: named_sharding(logical_axes(var), mesh, shape=var.value.shape) if mesh is not None else None
+            for name, var in flat_variables(model).items()
+        }
+
+    if ckpt.is_checkpoint(path):
+        cfg = ckpt.read_config(path).replace(**overrides)
+        model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
+        targets = {
+            name: jax.ShapeDtypeStruct(
+                var.value.shape,
+                var.value.dtype,
+                sharding=sh or jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+            )
+            for (name, var), sh in zip(flat_variables(model).items(), shardings(model).values())
+        }
+        assign(model, ckpt.load_params(path, targets))
+        return model
+
+    with SafetensorsReader(path) as reader:
+        cfg, plans = plan_conversion(path, reader)
+        model = abstract_model(cfg.replace(**overrides), dtype=dtype, param_dtype=param_dtype)
+        variables = flat_variables(model)
+        place = shardings(model)
+        flat = {}
+        for plan, array in iter_params(reader, plans):
+            value = jnp.asarray(array, dtype=variables[plan.path].value.dtype)
+            flat[plan.path] = jax.device_put(value, place[plan.path]) if mesh is not None else value
+    assign(model, flat)
+    return model
+
+
+__all__ = ["CausalLM", "load_model", "nnx"]

@@ -1,0 +1,137 @@
+"""DeepSeekMoE (V3 report, section 2.1.2): shared experts + top-k routed experts, dropless.
+
+  h' = h + sum_i FFN_shared_i(h) + sum_{i in TopK} g_i FFN_routed_i(h)
+
+Routing (`Router`) follows the reference implementations exactly; dispatch has two paths with the same math:
+`ragged` sorts the (token, expert) pairs by expert and runs `jax.lax.ragged_dot` grouped matmuls (no token is
+ever dropped; the Pallas grouped matmul plugs in here), `dense` runs every expert on every token (a slow
+reference used by tests).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from openr1_jax.models.config import MLPConfig, MoEConfig
+from openr1_jax.models.layers import MLP, Dtype, RouterBias, param
+
+
+class Router(nnx.Module):
+    """Token -> (top-k gate weights g [T, k], expert indices [T, k], affinity scores s [T, E]), in float32."""
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E = cfg.num_experts
+        self.kernel = param(rngs, (cfg.hidden_size, E), ("embed", None), jnp.float32)
+        if cfg.uses_correction_bias:
+            self.e_score_correction_bias = param(None, (E,), (None,), jnp.float32, kind=RouterBias)
+
+    def __call__(self, x_TxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg = self.cfg
+        logits_TxE = x_TxD.astype(jnp.float32) @ self.kernel.value.astype(jnp.float32)
+        if cfg.scoring_func == "sigmoid":
+            scores_TxE = jax.nn.sigmoid(logits_TxE)
+        else:
+            scores_TxE = jax.nn.softmax(logits_TxE, axis=-1)
+
+        if cfg.uses_correction_bias:
+            # V3: the bias steers which experts are chosen, never the gate values.
+            choice_TxE = scores_TxE + self.e_score_correction_bias.value
+            choice_TxE = _limit_to_groups(choice_TxE, cfg, group_top=2, fill=-jnp.inf)
+        elif cfg.topk_method == "group_limited_greedy":
+            choice_TxE = _limit_to_groups(scores_TxE, cfg, group_top=1, fill=0.0)
+        else:
+            choice_TxE = scores_TxE
+        _, experts_TxK = jax.lax.top_k(choice_TxE, cfg.num_experts_per_tok)
+        gates_TxK = jnp.take_along_axis(scores_TxE, experts_TxK, axis=-1)
+
+        if cfg.uses_correction_bias:  # V3: normalise (if asked), then always rescale
+            if cfg.norm_topk_prob:
+                gates_TxK = gates_TxK / (gates_TxK.sum(-1, keepdims=True) + 1e-20)
+            gates_TxK = gates_TxK * cfg.routed_scaling_factor
+        elif cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:  # V2: normalise *or* rescale
+            gates_TxK = gates_TxK / (gates_TxK.sum(-1, keepdims=True) + 1e-20)
+        else:
+            gates_TxK = gates_TxK * cfg.routed_scaling_factor
+        return gates_TxK, experts_TxK, scores_TxE
+
+
+def _limit_to_groups(scores_TxE: jax.Array, cfg: MoEConfig, group_top: int, fill: float) -> jax.Array:
+    """Keep only the experts of the `topk_group` best groups; a group's score is the sum of its best
+    `group_top` scores (V3: 2, V2: the max)."""
+    G = cfg.n_group
+    if G == 1:
+        return scores_TxE
+    T, E = scores_TxE.shape
+    per_group_TxGxE = scores_TxE.reshape(T, G, E // G)
+    group_score_TxG = jax.lax.top_k(per_group_TxGxE, min(group_top, E // G))[0].sum(-1)
+    _, best_groups = jax.lax.top_k(group_score_TxG, cfg.topk_group)
+    keep_TxG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], best_groups].set(True)
+    keep_TxE = jnp.repeat(keep_TxG, E // G, axis=1)
+    return jnp.where(keep_TxE, scores_TxE, fill)
+
+
+class RoutedExperts(nnx.Module):
+    """E SwiGLU experts stored stacked: gate/up [E, D, F], down [E, F, D]."""
+
+    def __init__(self, cfg: MoEConfig, *, param_dtype: Dtype, dtype: Dtype, rngs: nnx.Rngs):
+        E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.cfg, self.dtype = cfg, dtype
+        self.gate_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), param_dtype)
+        self.up_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), param_dtype)
+        self.down_proj = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), param_dtype)
+
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return tuple(w.value.astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def __call__(self, x_TxD: jax.Array, gates_TxK: jax.Array, experts_TxK: jax.Array) -> jax.Array:
+        if self.cfg.impl == "dense":
+            return self.dense(x_TxD, gates_TxK, experts_TxK)
+        return self.ragged(x_TxD, gates_TxK, experts_TxK)
+
+    def ragged(self, x_TxD, gates_TxK, experts_TxK) -> jax.Array:
+        """Dropless: sort the T*k (token, expert) pairs by expert, grouped matmuls, unsort, weighted sum."""
+        T, K = experts_TxK.shape
+        w_gate, w_up, w_down = self.weights()
+        expert_of_pair = experts_TxK.reshape(-1)
+        order = jnp.argsort(expert_of_pair, stable=True)
+        x_sorted = x_TxD.astype(self.dtype)[order // K]
+        group_sizes_E = jnp.bincount(expert_of_pair, length=self.cfg.num_experts).astype(jnp.int32)
+        h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate, group_sizes_E))
+        h = h * jax.lax.ragged_dot(x_sorted, w_up, group_sizes_E)
+        y_sorted = jax.lax.ragged_dot(h, w_down, group_sizes_E)
+        y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, K, -1)
+        y = jnp.einsum("TKD,TK->TD", y_TxKxD.astype(jnp.float32), gates_TxK)
+        return y.astype(self.dtype)
+
+    def dense(self, x_TxD, gates_TxK, experts_TxK) -> jax.Array:
+        """Reference: every expert on every token, combined with a [T, E] gate matrix that is zero off top-k."""
+        w_gate, w_up, w_down = self.weights()
+        x = x_TxD.astype(self.dtype)
+        h_TxExF = jax.nn.silu(jnp.einsum("TD,EDF->TEF", x, w_gate)) * jnp.einsum("TD,EDF->TEF", x, w_up)
+        y_TxExD = jnp.einsum("TEF,EFD->TED", h_TxExF, w_down)
+        combine_TxE = jnp.zeros((x.shape[0], self.cfg.num_experts), jnp.float32)
+        combine_TxE = combine_TxE.at[jnp.arange(x.shape[0])[:, None], experts_TxK].add(gates_TxK)
+        return jnp.einsum("TED,TE->TD", y_TxExD.astype(jnp.float32), combine_TxE).astype(self.dtype)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: MoEConfig, *, param_dtype: Dtype, dtype: Dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.router = Router(cfg, rngs=rngs)
+        self.experts = RoutedExperts(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        shared = MLPConfig(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.shared_experts = (
+            MLP(shared, param_dtype=param_dtype, dtype=dtype, rngs=rngs) if cfg.n_shared_experts else None
+        )
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        B, T, D = x_BxTxD.shape
+        x_TxD = x_BxTxD.reshape(B * T, D)
+        gates_TxK, experts_TxK, _ = self.router(x_TxD)
+        y = self.experts(x_TxD, gates_TxK, experts_TxK).reshape(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_BxTxD)
+        return y

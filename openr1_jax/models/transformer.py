@@ -1,0 +1,126 @@
+"""The causal language model of the family: embedding -> decoder blocks -> RMSNorm -> output head, plus the
+DeepSeek-V3 MTP modules. One class serves DeepSeek-V3/V2 (MLA, DeepSeekMoE) and the dense students (GQA, MLP).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from openr1_jax.models.attention import GQAttention, causal_segment_mask
+from openr1_jax.models.config import GQAConfig, MLAConfig, MLPConfig, ModelConfig, MoEConfig
+from openr1_jax.models.layers import MLP, Dtype, Embed, Linear, RMSNorm
+from openr1_jax.models.mla import MLA
+from openr1_jax.models.moe import MoE
+from openr1_jax.models.mtp import MTPModule, shift_left
+from openr1_jax.models.rope import rope_cos_sin
+
+
+@struct.dataclass
+class CausalLMOutput:
+    logits: jax.Array  # [B, T, V]: logits[:, i] predicts token i + 1
+    mtp_logits: tuple[jax.Array, ...] = ()  # depth k: [B, T, V], position i predicts token i + k + 1
+    hidden_states: jax.Array | None = None  # [B, T, D]: the input of the output head
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm residual block: x + Attn(RMSNorm(x)), then + FFN(RMSNorm(.)), FFN = MLP or MoE."""
+
+    def __init__(
+        self,
+        attn: MLAConfig | GQAConfig,
+        ffn: MLPConfig | MoEConfig,
+        eps: float,
+        *,
+        param_dtype: Dtype,
+        dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        D = attn.hidden_size
+        self.input_norm = RMSNorm(D, eps, param_dtype=param_dtype)
+        self.attn = MLA(attn, **kw) if isinstance(attn, MLAConfig) else GQAttention(attn, **kw)
+        self.post_attention_norm = RMSNorm(D, eps, param_dtype=param_dtype)
+        self.mlp = MoE(ffn, **kw) if isinstance(ffn, MoEConfig) else MLP(ffn, **kw)
+
+    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
+        x_BxTxD = x_BxTxD + self.attn(self.input_norm(x_BxTxD), cos, sin, mask_BxTxS)
+        return x_BxTxD + self.mlp(self.post_attention_norm(x_BxTxD))
+
+
+def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at the start of every packed segment."""
+    T = segment_ids_BxT.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T), segment_ids_BxT.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]],
+        axis=1,
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class CausalLM(nnx.Module):
+    def __init__(
+        self, config: ModelConfig, *, dtype: Dtype = "float32", param_dtype: Dtype = "float32", rngs: nnx.Rngs
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        attn = config.attention_config()
+        self.rope = attn.rope
+        self.embed = Embed(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nnx.List([self._block(i, attn, kw) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear("BTD,DV->BTV", (config.hidden_size, config.vocab_size), ("embed", "vocab"), **kw)
+        self.mtp = nnx.List(
+            [
+                MTPModule(
+                    self._block(config.num_hidden_layers + k, attn, kw),
+                    config.hidden_size,
+                    config.rms_norm_eps,
+                    **kw,
+                )
+                for k in range(config.num_nextn_predict_layers)
+            ]
+        )
+
+    def _block(self, index: int, attn, kw) -> DecoderBlock:
+        ffn = self.config.moe_config() if self.config.is_moe_layer(index) else self.config.mlp_config()
+        return DecoderBlock(attn, ffn, self.config.rms_norm_eps, **kw)
+
+    def head(self, h_BxTxD: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            return self.embed.attend(h_BxTxD)
+        return self.lm_head(h_BxTxD)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        with_mtp: bool = True,
+    ) -> CausalLMOutput:
+        """input_ids [B, T]; optional positions and segment_ids [B, T] for packed rows (a token attends only
+        to earlier tokens of its own segment; positions default to restarting per segment)."""
+        if segment_ids is None:
+            segment_ids = jnp.zeros_like(input_ids)
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        cos, sin = rope_cos_sin(positions, self.rope)
+        mask_BxTxS = causal_segment_mask(segment_ids)
+
+        x_BxTxD = self.embed(input_ids)
+        for layer in self.layers:
+            x_BxTxD = layer(x_BxTxD, cos, sin, mask_BxTxS)
+        h_BxTxD = self.norm(x_BxTxD)
+
+        mtp_logits = []
+        if with_mtp:
+            h_prev = h_BxTxD
+            for k, module in enumerate(self.mtp, start=1):
+                h_prev, normed = module(h_prev, self.embed(shift_left(input_ids, k)), cos, sin, mask_BxTxS)
+                mtp_logits.append(self.head(normed))
+        return CausalLMOutput(logits=self.head(h_BxTxD), mtp_logits=tuple(mtp_logits), hidden_states=h_BxTxD)

@@ -1,0 +1,69 @@
+"""Logical axis names -> mesh axes: the one table that decides how parameters and activations are sharded.
+
+Parameters carry logical names from creation (`models/layers.py: param`); this table maps each name to mesh
+axes (`data`, `fsdp`, `expert`, `tensor`). A name mapped to None is replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("embed_concat", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("experts", "expert"),
+    ("expert_mlp", "tensor"),
+    ("norm", None),
+)
+
+
+def partition_spec(
+    axes: Sequence[str | None],
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Map logical names to mesh axes, skipping mesh axes that are absent, of size 1, already used, or (when
+    `shape` is given) that do not divide the dimension."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(axes):
+        target = table.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        kept: tuple[str, ...] = ()
+        for t in targets:
+            if t not in mesh.shape or mesh.shape[t] == 1 or t in used:
+                continue
+            size = mesh.shape[t] * _prod(mesh.shape[k] for k in kept)
+            if shape is not None and shape[i] % size:
+                continue
+            kept += (t,)
+        used.update(kept)
+        spec.append(kept[0] if len(kept) == 1 else (kept or None))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES, shape: Sequence[int] | None = None
+) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(axes, mesh, rules, shape))
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out

@@ -1,0 +1,21 @@
+"""Package discovery that pyproject.toml cannot express.
+
+`kernels/` is a top-level folder of the repository but installs as `openr1_jax_kernels`, so it can never
+collide with the unrelated PyPI distribution `kernels` (which transformers may import). `configs/` ships
+inside the wheel as `openr1_jax._configs` so installed users get the YAML presets too.
+"""
+
+from setuptools import find_packages, setup
+
+
+def _mapped(folder: str, name: str) -> list[str]:
+    return [name + p[len(folder) :] for p in find_packages(include=[folder, folder + ".*"])]
+
+
+setup(
+    packages=find_packages(include=["openr1_jax", "openr1_jax.*"])
+    + _mapped("kernels", "openr1_jax_kernels")
+    + ["openr1_jax._configs"],
+    package_dir={"openr1_jax_kernels": "kernels", "openr1_jax._configs": "configs"},
+    package_data={"openr1_jax._configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+)

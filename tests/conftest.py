@@ -1,0 +1,13 @@
+"""Test session set-up: CPU only, 8 simulated devices, float32 matmuls at full precision, a compile cache."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/openr1_jax_test_jit"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
