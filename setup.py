@@ -17,5 +17,8 @@ setup(
     + _mapped("kernels", "openr1_jax_kernels")
     + ["openr1_jax._configs"],
     package_dir={"openr1_jax_kernels": "kernels", "openr1_jax._configs": "configs"},
+    # Data files come only from package_data below; without this, setuptools warns that the YAML folders
+    # (configs/models, ...) look like packages missing from `packages`.
+    include_package_data=False,
     package_data={"openr1_jax._configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
 )

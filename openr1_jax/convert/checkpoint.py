@@ -124,3 +124,15 @@ def chunk_by_bytes(sized: list[tuple[str, int]], max_bytes: int) -> Iterator[lis
 
 def device_put_group(group: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding]) -> dict[str, Any]:
     return {k: jax.device_put(v, shardings[k]) for k, v in group.items()}
+
+
+def save_model(model, out_dir: str | Path, *, overwrite: bool = False, group_bytes: int = 1 << 30) -> None:
+    """Write a model (config + parameters) as an openr1-jax checkpoint, atomically."""
+    from openr1_jax.fileio import atomic_dir
+    from openr1_jax.models.params import flat_variables
+
+    arrays = {name: var.value for name, var in flat_variables(model).items()}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_config(tmp, model.config)
+        sizes = [(name, a.size * a.dtype.itemsize) for name, a in arrays.items()]
+        save_params(tmp, ({n: arrays[n] for n in names} for names in chunk_by_bytes(sizes, group_bytes)))

@@ -63,7 +63,7 @@ class TensorPlan:
 def read_hf_config(hf_dir: Path) -> tuple[ModelConfig, dict]:
     path = hf_dir / "config.json"
     if not hf_dir.is_dir():
-        raise UserError(f"{hf_dir} is not a folder")
+        raise UserError(f"{hf_dir} does not exist or is not a folder")
     if not path.is_file():
         raise UserError(f"{hf_dir} has no config.json, so it is not a Hugging Face model folder")
     try:
@@ -162,6 +162,7 @@ def convert_hf_to_jax(
     """
     hf_dir = Path(hf_dir)
     np_dtype = np.dtype(dtype) if dtype else None
+    read_hf_config(hf_dir)  # a folder without a usable config.json is reported as such, before its weights
     with SafetensorsReader(hf_dir) as reader:
         cfg, plans = plan_conversion(hf_dir, reader)
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from openr1_jax.errors import UserError
@@ -28,7 +29,7 @@ def load_model(
     overrides: ModelConfig fields that do not change the parameters (e.g. attention_impl="xla", moe_impl="dense").
     """
     from openr1_jax.convert import checkpoint as ckpt
-    from openr1_jax.convert.hf_to_jax import iter_params, plan_conversion
+    from openr1_jax.convert.hf_to_jax import iter_params, plan_conversion, read_hf_config
     from openr1_jax.convert.safetensors_io import SafetensorsReader
     from openr1_jax.sharding.rules import named_sharding
 
@@ -59,13 +60,15 @@ def load_model(
         assign(model, ckpt.load_params(path, targets))
         return model
 
+    read_hf_config(path)
     with SafetensorsReader(path) as reader:
         cfg, plans = plan_conversion(path, reader)
         model = abstract_model(cfg.replace(**overrides), dtype=dtype, param_dtype=param_dtype)
         variables = flat_variables(model)
         place = shardings(model)
         flat = {}
-        for plan, array in iter_params(reader, plans):
+        # float32 first, so fp8 weights are dequantised exactly before the one cast to the parameter dtype.
+        for plan, array in iter_params(reader, plans, np.dtype(np.float32)):
             value = jnp.asarray(array, dtype=variables[plan.path].value.dtype)
             flat[plan.path] = jax.device_put(value, place[plan.path]) if mesh is not None else value
     assign(model, flat)
