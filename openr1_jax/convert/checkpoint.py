@@ -62,8 +62,11 @@ def save_params(ckpt_dir: Path, groups: Iterable[dict[str, Any]]) -> None:
     """Save parameters given as an iterable of `{path: array}` groups, one partial save per group."""
     ocp = _ocp()
     target = ckpt_dir / PARAMS_DIR
-    for group in groups:
-        ocp.partial.save(target, to_nested(group))
+    # The saves are synchronous, so orbax need not keep its own copy of each host array.
+    with ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False)):
+        for group in groups:
+            ocp.partial.save(target, to_nested(group))
+            del group  # else it stays alive while the generator builds the next one
     ocp.partial.finalize(target)
 
 
@@ -79,11 +82,12 @@ def param_metadata(ckpt_dir: str | Path) -> dict[str, tuple[tuple[int, ...], np.
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in from_nested(tree).items()}
 
 
-def load_params(ckpt_dir: str | Path, targets: dict[str, Any]) -> dict[str, Any]:
+def load_params(ckpt_dir: str | Path, targets: dict[str, Any], meta: dict | None = None) -> dict[str, Any]:
     """Load the named arrays only. A target is a `jax.ShapeDtypeStruct` (with a sharding: a jax.Array comes
-    back, laid out as asked) or None (a numpy array in the stored dtype comes back)."""
+    back, laid out as asked) or None (a numpy array in the stored dtype comes back). `meta`: the result of
+    `param_metadata`, when the caller already has it (orbax keeps memory per metadata read)."""
     ocp = _ocp()
-    meta = param_metadata(ckpt_dir)
+    meta = meta or param_metadata(ckpt_dir)
     abstract: dict[str, Any] = {}
     for name, (shape, dtype) in meta.items():
         if name not in targets:
@@ -106,7 +110,7 @@ def iter_param_groups(ckpt_dir: str | Path, max_bytes: int) -> Iterator[dict[str
         [(name, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize) for name, (shape, dtype) in meta.items()],
         max_bytes,
     ):
-        yield load_params(ckpt_dir, dict.fromkeys(names))
+        yield load_params(ckpt_dir, dict.fromkeys(names), meta)
 
 
 def chunk_by_bytes(sized: list[tuple[str, int]], max_bytes: int) -> Iterator[list[str]]:

@@ -69,6 +69,7 @@ def convert_jax_to_hf(
                         if path == head_path:
                             writer.add(f"model.layers.{L + k}.shared_head.head.weight", layout.to_hf(array)[0])
                     bar.update(array.size)
+                del group, array  # free this group before the next one is read
         bar.close()
         hf_config = cfg.to_hf_config()
         hf_config["dtype"] = _torch_dtype_name(stored_dtype)
