@@ -7,10 +7,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from openr1_jax.errors import UserError
-from openr1_jax.models.params import abstract_model, assign, flat_variables
+from openr1_jax.models.params import abstract_model, assign, flat_variables, logical_axes
 from openr1_jax.models.transformer import CausalLM
 
 
@@ -39,8 +38,6 @@ def load_model(
         raise UserError(f"model path {path} does not exist")
 
     def shardings(model) -> dict[str, jax.sharding.Sharding | None]:
-        from openr1_jax.models.params import logical_axes
-
         return {
             name: named_sharding(logical_axes(var), mesh, shape=var.value.shape) if mesh is not None else None
             for name, var in flat_variables(model).items()
@@ -75,4 +72,4 @@ def load_model(
     return model
 
 
-__all__ = ["CausalLM", "load_model", "nnx"]
+__all__ = ["CausalLM", "load_model"]
