@@ -177,6 +177,9 @@ class ModelConfig:
     # Implementation switches (not part of the math)
     attention_impl: Literal["xla"] = "xla"
     moe_impl: Literal["ragged", "dense"] = "ragged"
+    # Rematerialisation of each decoder block in the backward pass: "full" saves nothing (least memory),
+    # "save_dots" keeps matmul outputs without batch dims (recomputes only the cheap element-wise ops).
+    remat: Literal["none", "full", "save_dots"] = "none"
     initializer_range: float = 0.02
     extra_hf: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -199,6 +202,10 @@ class ModelConfig:
                 f"attention_impl '{self.attention_impl}' is not one of ['xla']",
             ),
             (self.moe_impl in ("ragged", "dense"), f"moe_impl '{self.moe_impl}' is not 'ragged' or 'dense'"),
+            (
+                self.remat in ("none", "full", "save_dots"),
+                f"remat '{self.remat}' is not one of ['none', 'full', 'save_dots']",
+            ),
         ]
         if self.is_mla:
             checks.append((self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even"))

@@ -5,17 +5,25 @@
 Routing (`Router`) follows the reference implementations exactly; dispatch has two paths with the same math:
 `ragged` sorts the (token, expert) pairs by expert and runs `jax.lax.ragged_dot` grouped matmuls (no token is
 ever dropped; the Pallas grouped matmul plugs in here), `dense` runs every expert on every token (a slow
-reference used by tests).
+reference used by tests). Under a sharding context whose mesh splits the experts (`expert` axis > 1), the
+routed experts run expert-parallel in `jax.shard_map` (`sharding/expert_parallel.py`, same math, dropless).
+
+Every call sows two `nnx.Intermediate` statistics for the train step: `expert_load` (float32 [E], the global
+number of (token, expert) assignments per routed expert) and `balance_loss` (float32 scalar, DeepSeek-V3's
+complementary sequence-wise balance loss without its alpha, eqs. 17-20).
 """
 
 from __future__ import annotations
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from openr1_jax.models.config import MLPConfig, MoEConfig
 from openr1_jax.models.layers import MLP, Dtype, RouterBias, param
+from openr1_jax.sharding.context import current
+from openr1_jax.sharding.expert_parallel import expert_axis, expert_parallel_ffn
 
 
 class Router(nnx.Module):
@@ -89,6 +97,12 @@ class RoutedExperts(nnx.Module):
     def __call__(self, x_TxD: jax.Array, gates_TxK: jax.Array, experts_TxK: jax.Array) -> jax.Array:
         if self.cfg.impl == "dense":
             return self.dense(x_TxD, gates_TxK, experts_TxK)
+        ctx = current()
+        if ctx is not None and expert_axis(*ctx, self.cfg.num_experts) is not None:
+            mesh, rules = ctx
+            return expert_parallel_ffn(
+                x_TxD, gates_TxK, experts_TxK, self.weights(), mesh=mesh, rules=rules, dtype=self.dtype
+            )
         return self.ragged(x_TxD, gates_TxK, experts_TxK)
 
     def ragged(self, x_TxD, gates_TxK, experts_TxK) -> jax.Array:
@@ -130,8 +144,29 @@ class MoE(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         B, T, D = x_BxTxD.shape
         x_TxD = x_BxTxD.reshape(B * T, D)
-        gates_TxK, experts_TxK, _ = self.router(x_TxD)
+        gates_TxK, experts_TxK, scores_TxE = self.router(x_TxD)
+        self._sow_statistics(experts_TxK.reshape(B, T, -1), scores_TxE.reshape(B, T, -1))
         y = self.experts(x_TxD, gates_TxK, experts_TxK).reshape(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BxTxD)
         return y
+
+    def _sow_statistics(self, experts_BxTxK: jax.Array, scores_BxTxE: jax.Array) -> None:
+        """expert_load [E] and the sequence-wise balance loss sum_i f_i P_i averaged over rows, with
+        f_i = E / (K T) * #{t: i in TopK(t)} and P_i = mean_t s_{i,t} / sum_j s_{j,t}."""
+        _, T, K = experts_BxTxK.shape
+        E = self.cfg.num_experts
+        chosen_BxTxE = jax.nn.one_hot(experts_BxTxK, E, dtype=jnp.float32).sum(axis=2)
+        load_E = chosen_BxTxE.sum(axis=(0, 1))
+        f_BxE = chosen_BxTxE.sum(axis=1) * (E / (K * T))
+        affinity_BxTxE = scores_BxTxE / scores_BxTxE.sum(axis=-1, keepdims=True)
+        p_BxE = affinity_BxTxE.mean(axis=1)
+        balance = jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
+        try:
+            self.sow(nnx.Intermediate, "expert_load", load_E)
+            self.sow(nnx.Intermediate, "balance_loss", balance)
+        except flax.errors.TraceContextError:
+            # An eager module closed over by a plain `jax.jit`/`jax.grad` cannot be mutated inside it (merge
+            # it inside the traced function, or use nnx.jit, to collect statistics); such a caller could not
+            # read them anyway, so the forward pass goes on without them.
+            pass

@@ -1,5 +1,9 @@
 """The causal language model of the family: embedding -> decoder blocks -> RMSNorm -> output head, plus the
 DeepSeek-V3 MTP modules. One class serves DeepSeek-V3/V2 (MLA, DeepSeekMoE) and the dense students (GQA, MLP).
+
+Activations are constrained at block boundaries (a no-op without a sharding context): the residual stream
+[B, T, D] to ("batch", None, None), logits to ("batch", None, "vocab"). `config.remat` wraps each decoder
+block (and MTP module) in `nnx.remat` with the chosen policy.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from openr1_jax.models.mla import MLA
 from openr1_jax.models.moe import MoE
 from openr1_jax.models.mtp import MTPModule, shift_left
 from openr1_jax.models.rope import rope_cos_sin
+from openr1_jax.sharding.context import constrain
+
+RESIDUAL = ("batch", None, None)
+LOGITS = ("batch", None, "vocab")
 
 
 @struct.dataclass
@@ -92,8 +100,16 @@ class CausalLM(nnx.Module):
 
     def head(self, h_BxTxD: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
-            return self.embed.attend(h_BxTxD)
-        return self.lm_head(h_BxTxD)
+            return constrain(self.embed.attend(h_BxTxD), LOGITS)
+        return constrain(self.lm_head(h_BxTxD), LOGITS)
+
+    def _remat(self, fn):
+        """`fn(module, *args)` under `nnx.remat` with the configured policy (or as is)."""
+        if self.config.remat == "none":
+            return fn
+        # "full": no policy = nothing saveable, everything inside the block is recomputed in the backward pass.
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.config.remat == "save_dots" else None
+        return nnx.remat(fn, policy=policy, prevent_cse=True)
 
     def __call__(
         self,
@@ -112,15 +128,19 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.rope)
         mask_BxTxS = causal_segment_mask(segment_ids)
 
-        x_BxTxD = self.embed(input_ids)
+        run_block = self._remat(lambda block, x, *rest: constrain(block(x, *rest), RESIDUAL))
+        x_BxTxD = constrain(self.embed(input_ids), RESIDUAL)
         for layer in self.layers:
-            x_BxTxD = layer(x_BxTxD, cos, sin, mask_BxTxS)
-        h_BxTxD = self.norm(x_BxTxD)
+            x_BxTxD = run_block(layer, x_BxTxD, cos, sin, mask_BxTxS)
+        h_BxTxD = constrain(self.norm(x_BxTxD), RESIDUAL)
 
         mtp_logits = []
         if with_mtp:
+            run_mtp = self._remat(lambda module, *args: module(*args))
             h_prev = h_BxTxD
             for k, module in enumerate(self.mtp, start=1):
-                h_prev, normed = module(h_prev, self.embed(shift_left(input_ids, k)), cos, sin, mask_BxTxS)
+                emb_BxTxD = constrain(self.embed(shift_left(input_ids, k)), RESIDUAL)
+                h_prev, normed = run_mtp(module, h_prev, emb_BxTxD, cos, sin, mask_BxTxS)
+                h_prev = constrain(h_prev, RESIDUAL)
                 mtp_logits.append(self.head(normed))
         return CausalLMOutput(logits=self.head(h_BxTxD), mtp_logits=tuple(mtp_logits), hidden_states=h_BxTxD)

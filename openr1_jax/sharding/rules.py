@@ -1,7 +1,12 @@
 """Logical axis names -> mesh axes: the one table that decides how parameters and activations are sharded.
 
 Parameters carry logical names from creation (`models/layers.py: param`); this table maps each name to mesh
-axes (`data`, `fsdp`, `expert`, `tensor`). A name mapped to None is replicated.
+axes (`data`, `fsdp`, `expert`, `tensor`). A name mapped to None is replicated. Activations use the same
+names at block boundaries (`sharding/context.py: constrain`): the residual stream is ("batch", None, None),
+logits ("batch", None, "vocab").
+
+`batch` spans `expert` too (as in MaxText): outside the MoE layers the expert axis is just more data
+parallelism, and inside them `sharding/expert_parallel.py` regroups the tokens of an expert group.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("embed_concat", "fsdp"),
