@@ -20,5 +20,8 @@ setup(
     # Data files come only from package_data below; without this, setuptools warns that the YAML folders
     # (configs/models, ...) look like packages missing from `packages`.
     include_package_data=False,
-    package_data={"openr1_jax._configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+    package_data={
+        "openr1_jax._configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"],
+        "openr1_jax.data.embedded": ["tokenizer/*"],  # the embedded default's SentencePiece tokenizer
+    },
 )

@@ -18,7 +18,7 @@ from openr1_jax.models.params import abstract_model, flat_variables
 from openr1_jax.models.presets import PRESET_DIR, list_presets, load_model_config, load_preset
 
 REPO_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "models"
-SMALL = ["tiny-moe", "small-moe", "tiny-dense"]
+SMALL = ["tiny-moe", "small-moe", "tiny-dense", "demo-moe", "moe-1b"]
 
 
 # ----------------------------------------------------------------------------------------------------------
