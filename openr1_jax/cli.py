@@ -43,12 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors shard")
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
 
+    _add_run_command(commands, "sft", "supervised fine-tuning (Open-R1 step 1) on chat data", "sft")
+
     demo = commands.add_parser(
-        "demo", help="the embedded default job (no download, CPU is enough)", formatter_class=fmt
+        "demo",
+        help="the embedded default: SFT of a tiny MoE on the bundled task, then its held-out accuracy",
+        formatter_class=fmt,
     )
-    demo.add_argument("--preset", default="tiny-moe", help="model preset")
-    demo.add_argument("--workdir", default=None, help="where to write (default: a new temporary folder)")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the run writes")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the sft default")
     return parser
+
+
+def _add_run_command(commands, name: str, what: str, kind: str) -> None:
+    """`openr1-jax NAME [CONFIG] [key=value ...]`; --help lists every option with its default."""
+    from openr1_jax.models.presets import config_dir
+    from openr1_jax.structured import help_text
+    from openr1_jax.train.config import SFTConfig
+
+    recipes = config_dir(kind)
+    names = ", ".join(sorted(p.stem for p in recipes.glob("*.yaml")))
+    command = commands.add_parser(
+        name,
+        help=what,
+        description=f"{what}. CONFIG is a YAML file or a recipe name ({names}); KEY=VALUE pairs override "
+        "its options (e.g. optimizer.learning_rate=4e-5 data.seq_len=4096).",
+        epilog="options (KEY [default]):\n" + help_text(SFTConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.add_argument("config", nargs="?", default="default", help="YAML file or recipe name (default: default)")
+    command.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -71,10 +95,33 @@ def run(args: argparse.Namespace) -> None:
                 overwrite=args.overwrite,
             )
             print(f"wrote {args.out_dir}")
-    elif args.command == "demo":
-        from openr1_jax.demo import run_convert_demo
+    elif args.command == "sft":
+        from openr1_jax.train.config import load_sft_config
+        from openr1_jax.train.sft import run_sft
 
-        run_convert_demo(args.preset, args.workdir)
+        config, overrides = _config_and_overrides(args)
+        result = run_sft(load_sft_config(config, overrides))
+        _print_result(result)
+    elif args.command == "demo":
+        from openr1_jax.demo import run_demo
+
+        run_demo(args.output_dir, args.overrides)
+
+
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """argparse cannot tell `sft a=1` (overrides only) from `sft recipe`: a first word with '=' is an override."""
+    if "=" in args.config:
+        return "default", [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def _print_result(result) -> None:
+    state = "preempted at" if result.preempted else "finished"
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    print(f"{state} step {result.steps}{loss}; outputs in {result.output_dir}")
+    if result.evaluation is not None:
+        ev = result.evaluation
+        print(f"held-out accuracy on {ev['dataset']}: {100 * ev['accuracy']:.1f}% of {ev['n']} problems")
 
 
 def main(argv: list[str] | None = None) -> int:

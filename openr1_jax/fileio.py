@@ -13,22 +13,45 @@ from openr1_jax.errors import UserError
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, all_processes: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `out_dir` only if the block succeeds.
 
     A failure (or a kill) leaves `out_dir` untouched: either absent or the previous complete version.
+    `all_processes=True` is for writes that every JAX process of a multi-host job takes part in (an orbax save
+    to a filesystem they share): they all get the same temporary folder, process 0 creates and renames it, and
+    the others wait at barriers.
     """
+    multi = main = False
+    if all_processes:
+        import jax
+
+        multi = jax.process_count() > 1
+    main = not multi or jax.process_index() == 0
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"output folder {out} already exists; remove it or choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tag = "multihost" if multi else uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a multi-host leftover of a killed job
+        tmp.mkdir()
+    _barrier(multi, f"atomic_dir:create:{out}")
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _barrier(multi, f"atomic_dir:written:{out}")
+        if main:
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        _barrier(multi, f"atomic_dir:renamed:{out}")
     finally:
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _barrier(multi: bool, name: str) -> None:
+    if multi:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -85,10 +85,11 @@ def test_shape_mismatch_names_tensor_and_file(capsys, hf_folder, tmp_path):
     _no_output(tmp_path / "out")
 
 
-def test_unknown_preset(capsys):
-    code, err = _run(capsys, "demo", "--preset", "tiny-moee")
+def test_unknown_preset(capsys, tmp_path):
+    code, err = _run(capsys, "sft", "model.name_or_path=tiny-moee", f"output_dir={tmp_path / 'run'}")
     assert code == 2
     _assert_one_sentence(err, "tiny-moee", "tiny-moe")
+    _no_output(tmp_path / "run")
 
 
 def test_misspelled_config_key(capsys, tmp_path):
@@ -97,9 +98,10 @@ def test_misspelled_config_key(capsys, tmp_path):
         "architecture: llama\nvocab_size: 32\nhidden_size: 16\nintermediate_size: 32\n"
         "num_hidden_layers: 1\nnum_attention_heads: 2\nrope_thetta: 10000\n"
     )
-    code, err = _run(capsys, "demo", "--preset", str(path))
+    code, err = _run(capsys, "sft", f"model.name_or_path={path}", f"output_dir={tmp_path / 'run'}")
     assert code == 2
     _assert_one_sentence(err, "rope_thetta", "rope_theta", str(path))
+    _no_output(tmp_path / "run")
 
 
 def test_jax_to_hf_on_a_non_checkpoint(capsys, hf_folder, tmp_path):

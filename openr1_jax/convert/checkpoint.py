@@ -136,7 +136,8 @@ def save_model(model, out_dir: str | Path, *, overwrite: bool = False, group_byt
     from openr1_jax.models.params import flat_variables
 
     arrays = {name: var.value for name, var in flat_variables(model).items()}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_config(tmp, model.config)
+    with atomic_dir(out_dir, overwrite=overwrite, all_processes=True) as tmp:
+        if jax.process_index() == 0:
+            write_config(tmp, model.config)
         sizes = [(name, a.size * a.dtype.itemsize) for name, a in arrays.items()]
         save_params(tmp, ({n: arrays[n] for n in names} for names in chunk_by_bytes(sizes, group_bytes)))

@@ -19,18 +19,18 @@ from openr1_jax.errors import UserError
 from openr1_jax.models.config import ModelConfig
 
 
-def _preset_dir() -> Path:
-    """`configs/models` inside the installed wheel (package `openr1_jax._configs`), else in the checkout."""
+def config_dir(kind: str) -> Path:
+    """`configs/<kind>` inside the installed wheel (package `openr1_jax._configs`), else in the checkout."""
     try:
-        packaged = importlib.resources.files("openr1_jax._configs") / "models"
+        packaged = importlib.resources.files("openr1_jax._configs") / kind
         if isinstance(packaged, Path) and packaged.is_dir():
             return packaged
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parents[2] / "configs" / "models"
+    return Path(__file__).resolve().parents[2] / "configs" / kind
 
 
-PRESET_DIR = _preset_dir()
+PRESET_DIR = config_dir("models")
 
 
 def list_presets() -> list[str]:
