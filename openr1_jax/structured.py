@@ -110,8 +110,9 @@ def to_dict(obj: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 # YAML files and overrides
 # ----------------------------------------------------------------------------------------------------------
-def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
-    """A YAML file that must hold a mapping; anything else is a UserError naming the file."""
+def read_yaml(path: str | Path, what: str = "config", allow_empty: bool = True) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is {} when `allow_empty`); anything else is a
+    UserError naming the file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -123,7 +124,7 @@ def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise UserError(f"{what} '{path}' is not valid YAML{at}") from None
-    if data is None:
+    if data is None and allow_empty:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{what} '{path}' must be a mapping of key: value, not {_kind(data)}")

@@ -13,8 +13,6 @@ import importlib.resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from openr1_jax.errors import UserError
 from openr1_jax.models.config import ModelConfig
 
@@ -39,19 +37,9 @@ def list_presets() -> list[str]:
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file that must hold a mapping; anything else is a UserError naming the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot read model config '{path}': {err.strerror or err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UserError(f"model config '{path}' is not valid YAML{where}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"model config '{path}' must be a mapping of field: value, not {type(data).__name__}")
-    return data
+    from openr1_jax.structured import read_yaml
+
+    return read_yaml(path, "model config", allow_empty=False)
 
 
 def load_preset(name: str) -> ModelConfig:
