@@ -135,13 +135,16 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_cfg.vocab_size}"
         )
     rows = cfg.batch_size // processes
-    if data is None:
+    own_pipeline = data is None
+    if own_pipeline:
         data = sft_iterator(
             cfg.data, tokenizer, rows, seed=cfg.seed, process_index=me, process_count=processes, num_epochs=None
         )
     elif cfg.max_steps < 0:
         raise UserError("max_steps must be set when run_sft is given its own data iterator")
     total_steps = count_steps(cfg, tokenizer, rows)
+    if own_pipeline and cfg.max_steps > 0:  # count_steps read no data: read a batch, so bad data fails here
+        next(sft_iterator(cfg.data, tokenizer, rows, seed=cfg.seed, process_index=me, process_count=processes))
     eval_rows = _evaluation_rows(cfg)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is not a folder")
