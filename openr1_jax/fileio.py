@@ -27,7 +27,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, all_processe
 
         multi = jax.process_count() > 1
     main = not multi or jax.process_index() == 0
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser().absolute()  # orbax refuses relative paths
     if out.exists() and not overwrite:
         raise UserError(f"output folder {out} already exists; remove it or choose another path")
     tag = "multihost" if multi else uuid.uuid4().hex[:8]

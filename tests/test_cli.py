@@ -138,3 +138,14 @@ def test_real_process_exit_code_and_help(tmp_path):
         env=env,
     ).stdout
     assert "--max-shard-size" in helptext and "default: 5GB" in helptext
+
+
+def test_relative_paths_work(hf_folder, tmp_path, monkeypatch):
+    """orbax refuses relative paths; users type them anyway."""
+    from openr1_jax.models.load import load_model
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "hf-to-jax", str(hf_folder), "ckpt"]) == 0
+    assert main(["convert", "jax-to-hf", "ckpt", "hf"]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert load_model("ckpt").config.architecture == "qwen2"

@@ -73,7 +73,7 @@ def save_params(ckpt_dir: Path, groups: Iterable[dict[str, Any]]) -> None:
 def param_metadata(ckpt_dir: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """`{path: (shape, dtype)}` of every saved array, without reading any of them."""
     ocp = _ocp()
-    target = Path(ckpt_dir) / PARAMS_DIR
+    target = Path(ckpt_dir).expanduser().absolute() / PARAMS_DIR  # orbax refuses relative paths
     if not target.is_dir():
         raise UserError(f"{ckpt_dir} has no {PARAMS_DIR}/ folder; the checkpoint is incomplete")
     with warnings.catch_warnings():
@@ -98,7 +98,7 @@ def load_params(ckpt_dir: str | Path, targets: dict[str, Any], meta: dict | None
             abstract[name] = targets[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tree = ocp.load_pytree(Path(ckpt_dir) / PARAMS_DIR, to_nested(abstract))
+        tree = ocp.load_pytree(Path(ckpt_dir).expanduser().absolute() / PARAMS_DIR, to_nested(abstract))
     flat = from_nested(tree)
     return {k: flat[k] for k in targets}
 

@@ -120,7 +120,7 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
     """Run (or resume) the SFT job `cfg`. `data` replaces the configured pipeline with any grain iterator of
     this process's batches (the contract's batch format, exact get_state/set_state); it needs max_steps."""
     initialize_distributed()
-    out = Path(cfg.output_dir).expanduser()
+    out = Path(cfg.output_dir).expanduser().absolute()  # orbax refuses relative paths
     processes, me = jax.process_count(), jax.process_index()
     main = me == 0
 

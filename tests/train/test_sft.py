@@ -68,11 +68,13 @@ def losses_of(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_tiny_run_writes_everything_and_learns(tmp_path):
-    """In process, on the session's 8 simulated devices (fsdp=8): checkpoints, metrics, plot, model, HF."""
+def test_tiny_run_writes_everything_and_learns(tmp_path, monkeypatch):
+    """In process, on the session's 8 simulated devices (fsdp=8): checkpoints, metrics, plot, model, HF; the
+    output folder given relative to the working directory."""
+    monkeypatch.chdir(tmp_path.parent)
     cfg = load_sft_config(
         "default",
-        [*TINY, "batch_size=8", "max_steps=12", f"output_dir={tmp_path}", "export_hf=true"],
+        [*TINY, "batch_size=8", "max_steps=12", f"output_dir={tmp_path.name}", "export_hf=true"],
     )
     result = run_sft(cfg)
     assert (result.steps, result.preempted) == (12, False)
