@@ -141,27 +141,35 @@ class MoE(nnx.Module):
             MLP(shared, param_dtype=param_dtype, dtype=dtype, rngs=rngs) if cfg.n_shared_experts else None
         )
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, token_mask_BxT: jax.Array | None = None) -> jax.Array:
+        """`token_mask_BxT`: the tokens that count in the routing statistics (e.g. not padding); default all."""
         B, T, D = x_BxTxD.shape
         x_TxD = x_BxTxD.reshape(B * T, D)
         gates_TxK, experts_TxK, scores_TxE = self.router(x_TxD)
-        self._sow_statistics(experts_TxK.reshape(B, T, -1), scores_TxE.reshape(B, T, -1))
+        self._sow_statistics(experts_TxK.reshape(B, T, -1), scores_TxE.reshape(B, T, -1), token_mask_BxT)
         y = self.experts(x_TxD, gates_TxK, experts_TxK).reshape(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BxTxD)
         return y
 
-    def _sow_statistics(self, experts_BxTxK: jax.Array, scores_BxTxE: jax.Array) -> None:
+    def _sow_statistics(
+        self, experts_BxTxK: jax.Array, scores_BxTxE: jax.Array, token_mask_BxT: jax.Array | None
+    ) -> None:
         """expert_load [E] and the sequence-wise balance loss sum_i f_i P_i averaged over rows, with
-        f_i = E / (K T) * #{t: i in TopK(t)} and P_i = mean_t s_{i,t} / sum_j s_{j,t}."""
-        _, T, K = experts_BxTxK.shape
+        f_i = E / (K T) * #{t: i in TopK(t)} and P_i = mean_t s_{i,t} / sum_j s_{j,t}, over the counted tokens
+        (T = a row's counted tokens; rows with none are left out)."""
+        B, T, K = experts_BxTxK.shape
         E = self.cfg.num_experts
-        chosen_BxTxE = jax.nn.one_hot(experts_BxTxK, E, dtype=jnp.float32).sum(axis=2)
+        mask_BxT = jnp.ones((B, T)) if token_mask_BxT is None else jnp.broadcast_to(token_mask_BxT, (B, T))
+        w_BxTx1 = mask_BxT.astype(jnp.float32)[..., None]
+        chosen_BxTxE = jax.nn.one_hot(experts_BxTxK, E, dtype=jnp.float32).sum(axis=2) * w_BxTx1
         load_E = chosen_BxTxE.sum(axis=(0, 1))
-        f_BxE = chosen_BxTxE.sum(axis=1) * (E / (K * T))
+        tokens_Bx1 = w_BxTx1.sum(axis=1)
+        f_BxE = chosen_BxTxE.sum(axis=1) * E / (K * jnp.maximum(tokens_Bx1, 1.0))
         affinity_BxTxE = scores_BxTxE / scores_BxTxE.sum(axis=-1, keepdims=True)
-        p_BxE = affinity_BxTxE.mean(axis=1)
-        balance = jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
+        p_BxE = (affinity_BxTxE * w_BxTx1).sum(axis=1) / jnp.maximum(tokens_Bx1, 1.0)
+        rows_B = (tokens_Bx1[:, 0] > 0).astype(jnp.float32)
+        balance = jnp.sum(jnp.sum(f_BxE * p_BxE, axis=-1) * rows_B) / jnp.maximum(rows_B.sum(), 1.0)
         try:
             self.sow(nnx.Intermediate, "expert_load", load_E)
             self.sow(nnx.Intermediate, "balance_loss", balance)

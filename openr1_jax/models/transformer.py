@@ -52,9 +52,10 @@ class DecoderBlock(nnx.Module):
         self.post_attention_norm = RMSNorm(D, eps, param_dtype=param_dtype)
         self.mlp = MoE(ffn, **kw) if isinstance(ffn, MoEConfig) else MLP(ffn, **kw)
 
-    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
+    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, token_mask_BxT=None):
         x_BxTxD = x_BxTxD + self.attn(self.input_norm(x_BxTxD), cos, sin, mask_BxTxS)
-        return x_BxTxD + self.mlp(self.post_attention_norm(x_BxTxD))
+        h_BxTxD = self.post_attention_norm(x_BxTxD)
+        return x_BxTxD + (self.mlp(h_BxTxD, token_mask_BxT) if isinstance(self.mlp, MoE) else self.mlp(h_BxTxD))
 
 
 def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -118,9 +119,11 @@ class CausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         *,
         with_mtp: bool = True,
+        token_mask: jax.Array | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, T]; optional positions and segment_ids [B, T] for packed rows (a token attends only
-        to earlier tokens of its own segment; positions default to restarting per segment)."""
+        to earlier tokens of its own segment; positions default to restarting per segment). `token_mask` [B, T]:
+        the tokens that count in the MoE routing statistics (training passes "not padding"); default all."""
         if segment_ids is None:
             segment_ids = jnp.zeros_like(input_ids)
         if positions is None:
@@ -131,7 +134,7 @@ class CausalLM(nnx.Module):
         run_block = self._remat(lambda block, x, *rest: constrain(block(x, *rest), RESIDUAL))
         x_BxTxD = constrain(self.embed(input_ids), RESIDUAL)
         for layer in self.layers:
-            x_BxTxD = run_block(layer, x_BxTxD, cos, sin, mask_BxTxS)
+            x_BxTxD = run_block(layer, x_BxTxD, cos, sin, mask_BxTxS, token_mask)
         h_BxTxD = constrain(self.norm(x_BxTxD), RESIDUAL)
 
         mtp_logits = []
@@ -140,7 +143,7 @@ class CausalLM(nnx.Module):
             h_prev = h_BxTxD
             for k, module in enumerate(self.mtp, start=1):
                 emb_BxTxD = constrain(self.embed(shift_left(input_ids, k)), RESIDUAL)
-                h_prev, normed = run_mtp(module, h_prev, emb_BxTxD, cos, sin, mask_BxTxS)
+                h_prev, normed = run_mtp(module, h_prev, emb_BxTxD, cos, sin, mask_BxTxS, token_mask)
                 h_prev = constrain(h_prev, RESIDUAL)
                 mtp_logits.append(self.head(normed))
         return CausalLMOutput(logits=self.head(h_BxTxD), mtp_logits=tuple(mtp_logits), hidden_states=h_BxTxD)

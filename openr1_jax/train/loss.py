@@ -98,7 +98,13 @@ def sft_loss(
     """
     with_mtp = mtp_loss_weight > 0
     out, intermediates = nnx.capture(
-        lambda m: m(batch["input_ids"], batch["positions"], batch["segment_ids"], with_mtp=with_mtp),
+        lambda m: m(
+            batch["input_ids"],
+            batch["positions"],
+            batch["segment_ids"],
+            with_mtp=with_mtp,
+            token_mask=batch["segment_ids"] != 0,  # padding does not count in the experts' load
+        ),
         nnx.Intermediate,
     )(model)
     heads = (out.logits, *out.mtp_logits)

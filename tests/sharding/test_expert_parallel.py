@@ -106,6 +106,32 @@ def test_statistics_match_hand_computed_values():
     assert stats["expert_load"][0].dtype == jnp.float32 and stats["balance_loss"][0].shape == ()
 
 
+def test_masked_tokens_do_not_count_in_the_statistics():
+    """Padding (token_mask 0) leaves expert_load and the balance loss exactly as if it were not there: the
+    model is causal, so the first half of a row routes the same with or without a padded second half."""
+    from openr1_jax.models.params import build_model
+    from openr1_jax.models.presets import load_model_config
+    from openr1_jax.train.loss import moe_statistics
+
+    model = build_model(load_model_config("tiny-moe"))
+    ids = jnp.asarray(np.random.RandomState(0).randint(1, 512, (2, 16)))
+    mask = jnp.arange(16)[None, :] < 8
+
+    def stats(**kw):
+        model(**kw)
+        return moe_statistics(nnx.pop(model, nnx.Intermediate))
+
+    short, padded, unmasked = stats(input_ids=ids[:, :8]), stats(input_ids=ids, token_mask=mask), stats(input_ids=ids)
+    assert short.keys() == padded.keys() == {"layers.1.mlp", "layers.2.mlp", "mtp.0.block.mlp"}
+    for module in short:
+        K = 2
+        assert padded[module]["expert_load"].sum() == 2 * 8 * K and unmasked[module]["expert_load"].sum() == 2 * 16 * K
+        if module.startswith("mtp"):  # MTP sees token i+1 at position i: position 7 differs once truncated
+            continue
+        np.testing.assert_array_equal(padded[module]["expert_load"], short[module]["expert_load"])
+        np.testing.assert_allclose(padded[module]["balance_loss"], short[module]["balance_loss"], rtol=1e-6)
+
+
 def test_statistics_accumulate_eagerly_and_are_skipped_in_a_closure(moe_and_reference):
     graphdef, state = moe_and_reference
     moe = nnx.merge(graphdef, state)

@@ -153,8 +153,8 @@ def test_mtp_and_balance_weighting(model, examples):
     # Every MoE layer reported, the MTP blocks' included: layers 1, 2 and both MTP blocks.
     assert sorted(aux["moe"]) == ["layers.1.mlp", "layers.2.mlp", "mtp.0.block.mlp", "mtp.1.block.mlp"]
     balance = np.mean([float(s["balance_loss"]) for s in aux["moe"].values()])
-    for s in aux["moe"].values():  # every token of the call sends K = 2 assignments
-        assert float(s["expert_load"].sum()) == 2 * batch["input_ids"].size
+    for s in aux["moe"].values():  # every non-padding token sends K = 2 assignments; padding counts nowhere
+        assert float(s["expert_load"].sum()) == 2 * int((np.asarray(batch["segment_ids"]) != 0).sum())
     np.testing.assert_allclose(float(aux["balance_loss"]), balance, rtol=1e-6)
     expected = main + lam / 2 * sum(mtp) + alpha * balance
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
