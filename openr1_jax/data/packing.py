@@ -100,9 +100,13 @@ class PackingIterator(grain.DatasetIterator):
         self._counts["dropped"] += 1
         self._drops_in_a_row += 1
         if self._max_drops is not None and self._drops_in_a_row >= self._max_drops:
+            if self._overlong == "drop":
+                fix = "raise data.seq_len or use data.overlong=truncate"
+            else:  # truncation cut every trained token: the prompt (or a system prompt) alone fills the row
+                fix = "their prompts fill the whole row, so raise data.seq_len or shorten the prompts/system prompt"
             raise UserError(
-                f"{self._drops_in_a_row} examples in a row were dropped: none fits data.seq_len={self._seq_len} "
-                f"with a trained token (overlong={self._overlong}); raise data.seq_len or use overlong=truncate."
+                f"{self._drops_in_a_row} examples in a row were dropped: none keeps a trained token within "
+                f"data.seq_len={self._seq_len} (overlong={self._overlong}); {fix}."
             )
 
     def __next__(self) -> dict[str, np.ndarray]:
