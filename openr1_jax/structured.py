@@ -203,11 +203,7 @@ def _item_class(marker: Any) -> Any:
 
 
 def _default_of(node_cls: Any) -> Any:
-    if isinstance(node_cls, tuple):
-        return []
-    if dataclasses.is_dataclass(node_cls):
-        return {}
-    return {}
+    return [] if isinstance(node_cls, tuple) else {}
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -243,8 +239,8 @@ def describe(cls: type, prefix: str = "") -> Iterator[tuple[str, str, str]]:
         if dataclasses.is_dataclass(tp):
             yield from describe(tp, key + ".")
             continue
-        if dataclasses.is_dataclass(_item_class(("list", _list_item(tp)))):
-            item = _list_item(tp)
+        item = _list_item(tp)
+        if dataclasses.is_dataclass(item):
             yield key, _show(default), f.metadata.get("help", "") + f" (a list of: {item.__name__})"
             yield from describe(item, key + ".N.")
             continue

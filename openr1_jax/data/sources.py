@@ -88,7 +88,7 @@ def _open(spec: DatasetSpec) -> tuple[Any, list[str]]:
     if os.path.isfile(path):
         lower = path.lower()
         if lower.endswith(_JSONL_SUFFIXES):
-            rows = _read_jsonl(path)
+            rows = read_jsonl(path)
             return rows, sorted({k for row in rows for k in row})
         if lower.endswith(_PARQUET_SUFFIXES):
             return _read_parquet(path)
@@ -109,7 +109,7 @@ def _open_embedded(path: str) -> tuple[list[dict], list[str]]:
     return rows, sorted(rows[0]) if rows else []
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
     import gzip
 
     opener = gzip.open if path.endswith(".gz") else open

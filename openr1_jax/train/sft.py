@@ -24,11 +24,11 @@ import numpy as np
 
 from openr1_jax.data.chat import load_tokenizer
 from openr1_jax.data.pipeline import sft_iterator
+from openr1_jax.data.sources import read_jsonl
 from openr1_jax.errors import UserError
 from openr1_jax.models.config import ModelConfig
 from openr1_jax.sharding.context import sharding_context
 from openr1_jax.sharding.distributed import host_local_batch_to_global, initialize_distributed
-from openr1_jax.sharding.init import state_shardings
 from openr1_jax.sharding.mesh import make_mesh
 from openr1_jax.sharding.rules import DEFAULT_RULES, named_sharding
 from openr1_jax.structured import to_dict
@@ -158,8 +158,8 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
         shardings = train_state_shardings(
             optimizer,
             abstract,
-            state_shardings(_as_state(graphdef, params, buffers, "params"), mesh, DEFAULT_RULES),
-            state_shardings(_as_state(graphdef, params, buffers, "buffers"), mesh, DEFAULT_RULES),
+            jax.tree.map(lambda a: a.sharding, params),  # already laid out by the rules
+            jax.tree.map(lambda a: a.sharding, buffers),
             mesh,
         )
         state = jax.jit(lambda p, b: create_train_state(p, b, optimizer, cfg.seed), out_shardings=shardings)(
@@ -260,15 +260,6 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
     return SFTResult(out, step, False, final_loss, evaluation)
 
 
-def _as_state(graphdef, params, buffers, which: str):
-    """The abstract nnx.State of `which` (carries each variable's logical axes for the sharding rules)."""
-    from flax import nnx
-
-    model = nnx.eval_shape(lambda: merge_model(graphdef, params, buffers))
-    _, p, b = nnx.split(model, nnx.Param, ...)
-    return p if which == "params" else b
-
-
 def _export(cfg: SFTConfig, model, out: Path, main: bool) -> None:
     from openr1_jax.convert.checkpoint import save_model
     from openr1_jax.train.plot import plot_metrics
@@ -293,14 +284,7 @@ def _evaluation_rows(cfg: SFTConfig) -> list[dict] | None:
     path = Path(ec.dataset).expanduser()
     if not path.is_file():
         raise UserError(f"evaluation.dataset '{ec.dataset}' is not a JSONL file or embedded:<split>")
-    rows = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise UserError(f"evaluation.dataset {path} line {n} is not valid JSON") from None
+    rows = read_jsonl(str(path))
     missing = [i for i, r in enumerate(rows) if "answer" not in r or not ("messages" in r or "problem" in r)]
     if missing:
         raise UserError(f"evaluation.dataset {path} row {missing[0] + 1} needs 'answer' and 'problem' or 'messages'")
