@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from openr1_jax.models import kv_cache
 from openr1_jax.models.config import GQAConfig
+from openr1_jax.models.kv_cache import KVCache
 from openr1_jax.models.layers import Dtype, Linear
 from openr1_jax.models.rope import apply_rope
 
@@ -89,8 +91,26 @@ class GQAttention(nnx.Module):
             **kw,
         )
 
-    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
+    def _qkv(self, x_BxTxD, cos, sin) -> tuple[jax.Array, jax.Array, jax.Array]:
         q = apply_rope(self.q_proj(x_BxTxD), cos, sin, interleaved=False)
         k = apply_rope(self.k_proj(x_BxTxD), cos, sin, interleaved=False)
-        out_BxTxNxH = attention(q, k, self.v_proj(x_BxTxD), mask_BxTxS, self.cfg.softmax_scale, self.cfg.impl)
-        return self.o_proj(out_BxTxNxH)
+        return q, k, self.v_proj(x_BxTxD)
+
+    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
+        q, k, v = self._qkv(x_BxTxD, cos, sin)
+        return self.o_proj(attention(q, k, v, mask_BxTxS, self.cfg.softmax_scale, self.cfg.impl))
+
+    def prefill(self, x_BxTxD, cos, sin, mask_BxTxS, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """A prompt from position 0 of an empty cache: attention over the prompt, its keys/values cached."""
+        q, k, v = self._qkv(x_BxTxD, cos, sin)
+        start_B = jnp.zeros((x_BxTxD.shape[0],), jnp.int32)
+        cache = KVCache(kv_cache.write(cache.k_BxSxMxH, k, start_B), kv_cache.write(cache.v_BxSxMxH, v, start_B))
+        return self.o_proj(attention(q, k, v, mask_BxTxS, self.cfg.softmax_scale, self.cfg.impl)), cache
+
+    def decode(self, x_BxTxD, cos, sin, cache: KVCache, start_B) -> tuple[jax.Array, KVCache]:
+        """T new tokens per row at positions start_B[b] + t, attending over the whole (masked) cache."""
+        q, k, v = self._qkv(x_BxTxD, cos, sin)
+        cache = KVCache(kv_cache.write(cache.k_BxSxMxH, k, start_B), kv_cache.write(cache.v_BxSxMxH, v, start_B))
+        mask_BxTxS = kv_cache.visible_mask(start_B, x_BxTxD.shape[1], cache.k_BxSxMxH.shape[1])
+        out_BxTxNxH = dot_product_attention(q, cache.k_BxSxMxH, cache.v_BxSxMxH, mask_BxTxS, self.cfg.softmax_scale)
+        return self.o_proj(out_BxTxNxH), cache

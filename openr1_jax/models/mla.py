@@ -6,6 +6,9 @@ q     = c_Q W_UQ -> [q_nope ; q_rope]      [B, T, N, Hn + R]
 c_KV  = RMSNorm(c_KV)
 [k_nope ; v] = c_KV W_UKV                  [B, T, N, Hn + O]
 o     = softmax([q_nope ; RoPE(q_rope)] . [k_nope ; RoPE(k_rope)] * scale) v W_O
+
+Decoding caches only [c_KV ; RoPE(k_rope)] per token and absorbs W_UK into the query and W_UV into the output
+(`MLA.decode`); training and prefill use the expanded form above.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from openr1_jax.models import kv_cache
 from openr1_jax.models.attention import attention
 from openr1_jax.models.config import MLAConfig
+from openr1_jax.models.kv_cache import LatentCache
 from openr1_jax.models.layers import Dtype, Linear, RMSNorm
 from openr1_jax.models.rope import apply_rope
 
@@ -74,21 +79,87 @@ class MLA(nnx.Module):
         K = self.cfg.kv_lora_rank
         return self.kv_a_norm(ckv_BxTxKR[..., :K]), ckv_BxTxKR[..., K:]
 
+    def rotated_queries(self, x_BxTxD, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """q_nope [B, T, N, Hn] and RoPE(q_rope) [B, T, N, R]."""
+        Hn = self.cfg.qk_nope_head_dim
+        q_BxTxNxH = self.queries(x_BxTxD)
+        return q_BxTxNxH[..., :Hn], apply_rope(q_BxTxNxH[..., Hn:], cos, sin, self.cfg.rope.interleaved)
+
+    def rotated_latents(self, x_BxTxD, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """What the decode cache holds: c_KV [B, T, K] and RoPE(k_rope) [B, T, R]."""
+        ckv_BxTxK, k_rope_BxTxR = self.latents(x_BxTxD)
+        k_rope_BxTxR = apply_rope(k_rope_BxTxR[:, :, None, :], cos, sin, self.cfg.rope.interleaved)[:, :, 0]
+        return ckv_BxTxK, k_rope_BxTxR
+
     def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
+        out, _ = self._expanded(x_BxTxD, cos, sin, mask_BxTxS)
+        return out
+
+    def _expanded(self, x_BxTxD, cos, sin, mask_BxTxS):
+        """Training and prefill: up-project c_KV to per-head keys and values, then ordinary attention."""
         cfg = self.cfg
         Hn, N = cfg.qk_nope_head_dim, cfg.num_heads
-        interleaved = cfg.rope.interleaved
+        q_nope, q_rope = self.rotated_queries(x_BxTxD, cos, sin)
+        q_BxTxNxH = jnp.concatenate([q_nope, q_rope], axis=-1)
 
-        q_BxTxNxH = self.queries(x_BxTxD)
-        q_rope = apply_rope(q_BxTxNxH[..., Hn:], cos, sin, interleaved)
-        q_BxTxNxH = jnp.concatenate([q_BxTxNxH[..., :Hn], q_rope], axis=-1)
-
-        ckv_BxSxK, k_rope_BxSxR = self.latents(x_BxTxD)
-        k_rope_BxSx1xR = apply_rope(k_rope_BxSxR[:, :, None, :], cos, sin, interleaved)
+        ckv_BxSxK, k_rope_BxSxR = self.rotated_latents(x_BxTxD, cos, sin)
         kv_BxSxNxH = self.kv_b_proj(ckv_BxSxK)
         k_nope, v_BxSxNxO = kv_BxSxNxH[..., :Hn], kv_BxSxNxH[..., Hn:]
-        k_rope = jnp.broadcast_to(k_rope_BxSx1xR, (*k_nope.shape[:2], N, k_rope_BxSx1xR.shape[-1]))
+        k_rope = jnp.broadcast_to(k_rope_BxSxR[:, :, None, :], (*k_nope.shape[:2], N, k_rope_BxSxR.shape[-1]))
         k_BxSxNxH = jnp.concatenate([k_nope, k_rope], axis=-1)
 
         out_BxTxNxO = attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxO, mask_BxTxS, cfg.softmax_scale, cfg.impl)
-        return self.o_proj(out_BxTxNxO)
+        return self.o_proj(out_BxTxNxO), (ckv_BxSxK, k_rope_BxSxR)
+
+    def prefill(self, x_BxTxD, cos, sin, mask_BxTxS, cache: LatentCache) -> tuple[jax.Array, LatentCache]:
+        """A prompt from position 0 of an empty cache: the expanded attention over the prompt itself (cheaper
+        than the absorbed form when T is large), keeping only the latents in the cache."""
+        out, (ckv_BxTxK, k_rope_BxTxR) = self._expanded(x_BxTxD, cos, sin, mask_BxTxS)
+        start_B = jnp.zeros((x_BxTxD.shape[0],), jnp.int32)
+        return out, LatentCache(
+            kv_cache.write(cache.latent_BxSxK, ckv_BxTxK, start_B),
+            kv_cache.write(cache.k_rope_BxSxR, k_rope_BxTxR, start_B),
+        )
+
+    def decode(self, x_BxTxD, cos, sin, cache: LatentCache, start_B) -> tuple[jax.Array, LatentCache]:
+        """T new tokens per row at positions start_B[b] + t, absorbed (V2 report, section 2.1.3):
+
+          q_nope . k_nope = q_nope . (c_KV W_UK) = (q_nope W_UK^T) . c_KV     -> queries move into latent space
+          probs (c_KV W_UV) W_O = (probs c_KV) W_UV W_O                       -> values stay latent until the end
+
+        so attention reads the K + R cached values per token and never builds per-head keys or values."""
+        cfg = self.cfg
+        Hn = cfg.qk_nope_head_dim
+        ckv_BxTxK, k_rope_BxTxR = self.rotated_latents(x_BxTxD, cos, sin)
+        cache = LatentCache(
+            kv_cache.write(cache.latent_BxSxK, ckv_BxTxK, start_B),
+            kv_cache.write(cache.k_rope_BxSxR, k_rope_BxTxR, start_B),
+        )
+        w_KxNxH = self.kv_b_proj.kernel.value.astype(self.kv_b_proj.dtype)
+        w_uk_KxNxHn, w_uv_KxNxO = w_KxNxH[..., :Hn], w_KxNxH[..., Hn:]
+
+        q_nope, q_rope_BxTxNxR = self.rotated_queries(x_BxTxD, cos, sin)
+        q_latent_BxTxNxK = jnp.einsum("BTNH,KNH->BTNK", q_nope, w_uk_KxNxHn)
+        mask_BxTxS = kv_cache.visible_mask(start_B, x_BxTxD.shape[1], cache.latent_BxSxK.shape[1])
+        out_latent_BxTxNxK = latent_attention(
+            q_latent_BxTxNxK, q_rope_BxTxNxR, cache.latent_BxSxK, cache.k_rope_BxSxR, mask_BxTxS, cfg.softmax_scale
+        )
+        out_BxTxNxO = jnp.einsum("BTNK,KNO->BTNO", out_latent_BxTxNxK, w_uv_KxNxO)
+        return self.o_proj(out_BxTxNxO), cache
+
+
+def latent_attention(
+    q_latent_BxTxNxK: jax.Array,
+    q_rope_BxTxNxR: jax.Array,
+    latent_BxSxK: jax.Array,
+    k_rope_BxSxR: jax.Array,
+    mask_BxTxS: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """softmax((q_latent . c_KV + q_rope . k_rope) * scale) c_KV over the cache, softmax in float32; every head
+    reads the same K + R values per key (MQA-like), which is what makes MLA decode memory-light."""
+    scores = jnp.einsum("BTNK,BSK->BNTS", q_latent_BxTxNxK, latent_BxSxK, preferred_element_type=jnp.float32)
+    scores += jnp.einsum("BTNR,BSR->BNTS", q_rope_BxTxNxR, k_rope_BxSxR, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BxTxS[:, None], scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(latent_BxSxK.dtype)
+    return jnp.einsum("BNTS,BSK->BTNK", probs, latent_BxSxK)

@@ -30,8 +30,10 @@ def abstract_model(cfg: ModelConfig, *, dtype="float32", param_dtype="float32") 
 
 
 def flat_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """Every state variable (parameters and buffers such as the router bias), keyed by dotted path."""
-    return {path_str(path): var for path, var in nnx.to_flat_state(nnx.state(model))}
+    """Every state variable (parameters and buffers such as the router bias), keyed by dotted path; values sown
+    by a forward pass (`nnx.Intermediate`, e.g. MoE statistics) are not state and are left out."""
+    state = nnx.state(model, nnx.Not(nnx.Intermediate))
+    return {path_str(path): var for path, var in nnx.to_flat_state(state)}
 
 
 def logical_axes(var: nnx.Variable) -> tuple[str | None, ...]:

@@ -14,6 +14,7 @@ from flax import nnx, struct
 
 from openr1_jax.models.attention import GQAttention, causal_segment_mask
 from openr1_jax.models.config import GQAConfig, MLAConfig, MLPConfig, ModelConfig, MoEConfig
+from openr1_jax.models.kv_cache import LayerCache, init_layer_cache
 from openr1_jax.models.layers import MLP, Dtype, Embed, Linear, RMSNorm
 from openr1_jax.models.mla import MLA
 from openr1_jax.models.moe import MoE
@@ -54,8 +55,19 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, token_mask_BxT=None):
         x_BxTxD = x_BxTxD + self.attn(self.input_norm(x_BxTxD), cos, sin, mask_BxTxS)
+        return self._ffn(x_BxTxD, token_mask_BxT)
+
+    def _ffn(self, x_BxTxD, token_mask_BxT=None):
         h_BxTxD = self.post_attention_norm(x_BxTxD)
         return x_BxTxD + (self.mlp(h_BxTxD, token_mask_BxT) if isinstance(self.mlp, MoE) else self.mlp(h_BxTxD))
+
+    def prefill(self, x_BxTxD, cos, sin, mask_BxTxS, cache: LayerCache, token_mask_BxT=None):
+        attn_BxTxD, cache = self.attn.prefill(self.input_norm(x_BxTxD), cos, sin, mask_BxTxS, cache)
+        return self._ffn(x_BxTxD + attn_BxTxD, token_mask_BxT), cache
+
+    def decode(self, x_BxTxD, cos, sin, cache: LayerCache, start_B):
+        attn_BxTxD, cache = self.attn.decode(self.input_norm(x_BxTxD), cos, sin, cache, start_B)
+        return self._ffn(x_BxTxD + attn_BxTxD), cache
 
 
 def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -147,3 +159,51 @@ class CausalLM(nnx.Module):
                 h_prev = constrain(h_prev, RESIDUAL)
                 mtp_logits.append(self.head(normed))
         return CausalLMOutput(logits=self.head(h_BxTxD), mtp_logits=tuple(mtp_logits), hidden_states=h_BxTxD)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Cached generation: prefill a prompt into per-layer caches, then decode a few tokens at a time.
+    # ------------------------------------------------------------------------------------------------------
+    def init_cache(self, batch: int, length: int) -> tuple[LayerCache, ...]:
+        """Empty caches of `length` positions for every decoder layer, in the compute dtype."""
+        attn = self.config.attention_config()
+        return tuple(init_layer_cache(attn, batch, length, self.dtype) for _ in self.layers)
+
+    def prefill(
+        self, input_ids_BxT: jax.Array, lengths_B: jax.Array, caches: tuple[LayerCache, ...]
+    ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """Right-padded prompts (row b's first lengths_B[b] tokens are real) from position 0 of empty caches.
+        Returns the final hidden states [B, T, D] (the input of `head`) and the filled caches; padding is its
+        own segment, so it never reaches the real tokens and its cache entries are overwritten by decoding."""
+        B, T = input_ids_BxT.shape
+        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        real_BxT = positions_BxT < lengths_B[:, None]
+        cos, sin = rope_cos_sin(positions_BxT, self.rope)
+        mask_BxTxS = causal_segment_mask(real_BxT.astype(jnp.int32))
+        x_BxTxD = constrain(self.embed(input_ids_BxT), RESIDUAL)
+        new_caches = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x_BxTxD, cache = layer.prefill(x_BxTxD, cos, sin, mask_BxTxS, cache, real_BxT)
+            new_caches.append(constrain_cache(cache))
+            x_BxTxD = constrain(x_BxTxD, RESIDUAL)
+        return constrain(self.norm(x_BxTxD), RESIDUAL), tuple(new_caches)
+
+    def decode(
+        self, input_ids_BxT: jax.Array, start_B: jax.Array, caches: tuple[LayerCache, ...]
+    ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """T new tokens per row at positions start_B[b] .. start_B[b] + T - 1, each attending to its row's
+        cache up to itself. Returns the final hidden states [B, T, D] and the updated caches."""
+        T = input_ids_BxT.shape[1]
+        positions_BxT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        cos, sin = rope_cos_sin(positions_BxT, self.rope)
+        x_BxTxD = constrain(self.embed(input_ids_BxT), RESIDUAL)
+        new_caches = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x_BxTxD, cache = layer.decode(x_BxTxD, cos, sin, cache, start_B)
+            new_caches.append(constrain_cache(cache))
+            x_BxTxD = constrain(x_BxTxD, RESIDUAL)
+        return constrain(self.norm(x_BxTxD), RESIDUAL), tuple(new_caches)
+
+
+def constrain_cache(cache: LayerCache) -> LayerCache:
+    """Caches shard like activations: rows over the batch axes (heads stay whole; the latent has none)."""
+    return jax.tree.map(lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1)), cache)
