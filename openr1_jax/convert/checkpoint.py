@@ -130,8 +130,11 @@ def device_put_group(group: dict[str, np.ndarray], shardings: dict[str, jax.shar
     return {k: jax.device_put(v, shardings[k]) for k, v in group.items()}
 
 
-def save_model(model, out_dir: str | Path, *, overwrite: bool = False, group_bytes: int = 1 << 30) -> None:
-    """Write a model (config + parameters) as an openr1-jax checkpoint, atomically."""
+def save_model(
+    model, out_dir: str | Path, *, overwrite: bool = False, group_bytes: int = 1 << 30, tokenizer=None
+) -> None:
+    """Write a model (config + parameters) as an openr1-jax checkpoint, atomically; a tokenizer given goes to
+    hf/ (where `generate`, `evaluate` and `serve` look for it, and `jax-to-hf` carries it from)."""
     from openr1_jax.fileio import atomic_dir
     from openr1_jax.models.params import flat_variables
 
@@ -139,5 +142,7 @@ def save_model(model, out_dir: str | Path, *, overwrite: bool = False, group_byt
     with atomic_dir(out_dir, overwrite=overwrite, all_processes=True) as tmp:
         if jax.process_index() == 0:
             write_config(tmp, model.config)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / HF_FILES_DIR))
         sizes = [(name, a.size * a.dtype.itemsize) for name, a in arrays.items()]
         save_params(tmp, ({n: arrays[n] for n in names} for names in chunk_by_bytes(sizes, group_bytes)))

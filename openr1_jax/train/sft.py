@@ -246,7 +246,7 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
             cfg.data.overlong,
         )
         model = merge_model(graphdef, state.params, state.buffers)
-        _export(cfg, model, out, main)
+        _export(cfg, model, tokenizer, out, main)
         evaluation = None
         if eval_rows:
             from openr1_jax.evaluate.greedy import heldout_accuracy
@@ -260,11 +260,11 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
     return SFTResult(out, step, False, final_loss, evaluation)
 
 
-def _export(cfg: SFTConfig, model, out: Path, main: bool) -> None:
+def _export(cfg: SFTConfig, model, tokenizer, out: Path, main: bool) -> None:
     from openr1_jax.convert.checkpoint import save_model
     from openr1_jax.train.plot import plot_metrics
 
-    save_model(model, out / "model", overwrite=True)  # every process writes its shards
+    save_model(model, out / "model", overwrite=True, tokenizer=tokenizer)  # every process writes its shards
     if cfg.export_hf and main:
         from openr1_jax.convert.jax_to_hf import convert_jax_to_hf
 
