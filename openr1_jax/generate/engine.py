@@ -330,7 +330,7 @@ class Engine:
         rows = []
         for i, p in enumerate(per_prompt):
             seed = next(self._seeds) if p.seed is None else p.seed
-            stop_ids = sorted(set(self.eos_ids) | set(p.stop_token_ids))
+            stop_ids = sorted((set() if p.ignore_eos else set(self.eos_ids)) | set(p.stop_token_ids))
             rows += [_Row(i, j, p, seed, stop_ids) for j in range(p.n)]
 
         context = sharding_context(self.mesh, self.rules) if self.mesh is not None else _nullcontext()
@@ -349,7 +349,7 @@ class Engine:
         longest = max(len(prompt_ids[r.request]) + r.params.max_new_tokens for r in rows)
         cache_len = _bucket(longest)
         max_new = _bucket(max(r.params.max_new_tokens for r in rows))
-        num_stop = _bucket(max(len(r.stop_ids) for r in rows), minimum=1)
+        num_stop = _bucket(max(max(len(r.stop_ids) for r in rows), 1), minimum=1)
         state = _empty_state(
             self.graphdef,
             self.params,

@@ -36,6 +36,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (the text ends before them)
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
     logprobs: bool = True  # return the sampled tokens' logprobs
+    ignore_eos: bool = False  # keep going past EOS (benchmarks); stop_token_ids still stop
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -94,14 +95,38 @@ def scaled_logits(logits_BxV: jax.Array, temperature_B: jax.Array) -> jax.Array:
 
 
 def sample(logits_BxV: jax.Array, row: RowSampling, step_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One token per row and its logprob; `step_B` counts the tokens the row has sampled so far."""
+    """One token per row and its logprob; `step_B` counts the tokens the row has sampled so far.
+
+    The vocabulary sort behind the filters costs more than a small model's decode step on a CPU, so it runs
+    only when some row filters, and the random draw only when some row samples (both decided on device)."""
+    V = logits_BxV.shape[-1]
     scaled_BxV = scaled_logits(logits_BxV, row.temperature_B)
-    masked_BxV = jnp.where(filter_mask(logits_BxV, row), scaled_BxV, -jnp.inf)
-    keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(row.key_data_BxK), step_B)
-    drawn_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV)
-    token_B = jnp.where(row.temperature_B > 0, drawn_B, jnp.argmax(scaled_BxV, axis=-1)).astype(jnp.int32)
+    filters = jnp.any((row.top_k_B < V) | (row.top_p_B < 1.0) | (row.min_p_B > 0.0))
+    sampling = jnp.any(row.temperature_B > 0)
+
+    def draw(scaled_BxV):
+        masked_BxV = jax.lax.cond(
+            filters,
+            lambda x: jnp.where(filter_mask(logits_BxV, row), x, -jnp.inf),
+            lambda x: x,
+            scaled_BxV,
+        )
+        keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(row.key_data_BxK), step_B)
+        return jax.vmap(jax.random.categorical)(keys_B, masked_BxV).astype(jnp.int32)
+
+    greedy_B = first_argmax(scaled_BxV)
+    drawn_B = jax.lax.cond(sampling, draw, lambda x: greedy_B, scaled_BxV)
+    token_B = jnp.where(row.temperature_B > 0, drawn_B, greedy_B)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
     return token_B, logprob_B
+
+
+def first_argmax(x_BxV: jax.Array) -> jax.Array:
+    """argmax over the last axis (the first index on ties) as two plain reductions: XLA:CPU runs jnp.argmax's
+    variadic (value, index) reduce several times slower, which shows in a small model's decode step."""
+    V = x_BxV.shape[-1]
+    at_max_BxV = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(at_max_BxV, jnp.arange(V, dtype=jnp.int32), V), axis=-1).astype(jnp.int32)
 
 
 def row_sampling(params: list[SamplingParams], seeds: list[int], samples: list[int], vocab: int) -> RowSampling:

@@ -81,3 +81,24 @@ def visible_mask(start_B: jax.Array, new_tokens: int, length: int) -> jax.Array:
     """[B, T, S]: new token t of row b (at position start_B[b] + t) sees cache positions s <= its own."""
     query_pos_BxT = start_B[:, None] + jnp.arange(new_tokens)[None, :]
     return jnp.arange(length)[None, None, :] <= query_pos_BxT[:, :, None]
+
+
+def prefix_lengths(length: int, smallest: int = 64) -> list[int]:
+    """The static cache prefixes decode attention may read: powers of two from `smallest`, then the whole."""
+    sizes = []
+    size = smallest
+    while size < length:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, length]
+
+
+def over_filled_prefix(attend, needed: jax.Array, length: int):
+    """`attend(L)` for the shortest static prefix L >= `needed` (a traced scalar: the furthest position any row
+    reads, plus one). Decode attention then reads what the rows have filled (within 2x), not the whole
+    preallocated cache: one `lax.switch` branch per prefix length, only the chosen one runs."""
+    sizes = prefix_lengths(length)
+    if len(sizes) == 1:
+        return attend(length)
+    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), needed.astype(jnp.int32))
+    return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), [lambda L=L: attend(L) for L in sizes])

@@ -140,10 +140,14 @@ class MLA(nnx.Module):
 
         q_nope, q_rope_BxTxNxR = self.rotated_queries(x_BxTxD, cos, sin)
         q_latent_BxTxNxK = jnp.einsum("BTNH,KNH->BTNK", q_nope, w_uk_KxNxHn)
-        mask_BxTxS = kv_cache.visible_mask(start_B, x_BxTxD.shape[1], cache.latent_BxSxK.shape[1])
-        out_latent_BxTxNxK = latent_attention(
-            q_latent_BxTxNxK, q_rope_BxTxNxR, cache.latent_BxSxK, cache.k_rope_BxSxR, mask_BxTxS, cfg.softmax_scale
-        )
+        T, S = x_BxTxD.shape[1], cache.latent_BxSxK.shape[1]
+
+        def attend(L: int) -> jax.Array:  # over the first L cache positions
+            mask_BxTxL = kv_cache.visible_mask(start_B, T, L)
+            latent, k_rope = cache.latent_BxSxK[:, :L], cache.k_rope_BxSxR[:, :L]
+            return latent_attention(q_latent_BxTxNxK, q_rope_BxTxNxR, latent, k_rope, mask_BxTxL, cfg.softmax_scale)
+
+        out_latent_BxTxNxK = kv_cache.over_filled_prefix(attend, jnp.max(start_B) + T, S)
         out_BxTxNxO = jnp.einsum("BTNK,KNO->BTNO", out_latent_BxTxNxK, w_uv_KxNxO)
         return self.o_proj(out_BxTxNxO), cache
 
@@ -157,9 +161,10 @@ def latent_attention(
     scale: float,
 ) -> jax.Array:
     """softmax((q_latent . c_KV + q_rope . k_rope) * scale) c_KV over the cache, softmax in float32; every head
-    reads the same K + R values per key (MQA-like), which is what makes MLA decode memory-light."""
+    reads the same K + R values per key (MQA-like), which is what makes MLA decode memory-light. The output is
+    produced head-major (a plain batched matmul; XLA:CPU is several times slower writing [B, T, N, K] directly)."""
     scores = jnp.einsum("BTNK,BSK->BNTS", q_latent_BxTxNxK, latent_BxSxK, preferred_element_type=jnp.float32)
     scores += jnp.einsum("BTNR,BSR->BNTS", q_rope_BxTxNxR, k_rope_BxSxR, preferred_element_type=jnp.float32)
     scores = jnp.where(mask_BxTxS[:, None], scores * scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(latent_BxSxK.dtype)
-    return jnp.einsum("BNTS,BSK->BTNK", probs, latent_BxSxK)
+    return jnp.einsum("BNTS,BSK->BNTK", probs, latent_BxSxK).transpose(0, 2, 1, 3)

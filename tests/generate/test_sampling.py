@@ -1,5 +1,6 @@
 """The token filters on hand-made distributions, and what sampling draws from them."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,9 +78,11 @@ def test_greedy_and_seeds():
     tokens, _ = sample(jnp.repeat(LOGITS, 3, axis=0), rows, jnp.zeros((3,), jnp.int32))
     assert tokens.tolist() == [2, 2, 2]
 
+    jitted = jax.jit(sample)
+
     def draw(seed, index, step):
         rows = row_sampling([SamplingParams()], [seed], [index], vocab=5)
-        return [int(sample(LOGITS, rows, jnp.full((1,), s, jnp.int32))[0][0]) for s in range(step)]
+        return [int(jitted(LOGITS, rows, jnp.full((1,), s, jnp.int32))[0][0]) for s in range(step)]
 
     assert draw(5, 0, 30) == draw(5, 0, 30)
     assert draw(5, 0, 30) != draw(6, 0, 30)
