@@ -48,7 +48,7 @@ class RowSource(Sequence):
 
 def load_source(spec: DatasetSpec) -> RowSource:
     """Opens the dataset of `spec` for random access; UserError if it cannot be read or lacks the columns."""
-    data, columns_found = _open(spec)
+    data, columns_found = open_table(spec)
     length = len(data)
     if length == 0:
         raise UserError(f"dataset {spec.path!r} (split {spec.split!r}) has no rows.")
@@ -78,8 +78,8 @@ def _pick_columns(spec: DatasetSpec, found: Sequence[str]) -> dict[str, str]:
     )
 
 
-def _open(spec: DatasetSpec) -> tuple[Any, list[str]]:
-    """Returns (rows as list/arrow table/datasets.Dataset, column names)."""
+def open_table(spec: DatasetSpec) -> tuple[Any, list[str]]:
+    """A dataset's raw rows (a list, arrow table or datasets.Dataset, indexable by row) and its column names."""
     path = os.path.expanduser(spec.path)
     if path.startswith("embedded:"):
         return _open_embedded(path)
