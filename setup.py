@@ -22,6 +22,7 @@ setup(
     include_package_data=False,
     package_data={
         "openr1_jax._configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"],
-        "openr1_jax.data.embedded": ["tokenizer/*"],  # the embedded default's SentencePiece tokenizer
+        # the embedded default's SentencePiece tokenizer and its tiny benchmark files
+        "openr1_jax.data.embedded": ["tokenizer/*", "benchmarks/*"],
     },
 )

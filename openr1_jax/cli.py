@@ -23,7 +23,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size such as 5GB or 500MB") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; `argv` only decides which job's option list to build for --help (imports stay lazy)."""
+    argv = sys.argv[1:] if argv is None else argv
+    asks_help = "-h" in argv or "--help" in argv
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="openr1-jax", description=__doc__.splitlines()[0], formatter_class=fmt)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors shard")
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
 
-    _add_run_command(commands, "sft", "supervised fine-tuning (Open-R1 step 1) on chat data", "sft")
+    for name, (what, _, _, default) in JOBS.items():
+        _add_run_command(commands, name, what, default, with_options=asks_help and argv[:1] == [name])
 
     demo = commands.add_parser(
         "demo",
@@ -55,23 +59,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run_command(commands, name: str, what: str, kind: str) -> None:
+# name -> (help, config module, config class, default recipe); loaders are `load_<name>_config(config, overrides)`.
+JOBS = {
+    "sft": ("supervised fine-tuning (Open-R1 step 1) on chat data", "openr1_jax.train.config", "SFTConfig", "default"),
+    "generate": (
+        "sample completions of a dataset's prompts (distillation) with our engine or an OpenAI-compatible server",
+        "openr1_jax.generate.config",
+        "GenerateConfig",
+        "default",
+    ),
+    "evaluate": (
+        "pass@1 / pass@k of a model on a benchmark (math-verify or multiple choice)",
+        "openr1_jax.evaluate.config",
+        "EvaluateConfig",
+        "embedded",
+    ),
+    "serve": (
+        "an OpenAI-compatible server (/v1/completions, /v1/chat/completions) for a checkpoint on 127.0.0.1",
+        "openr1_jax.generate.server_config",
+        "ServeConfig",
+        "default",
+    ),
+    "decontaminate": (
+        "flag or remove training rows that share an 8-gram with benchmark problems",
+        "openr1_jax.evaluate.decontaminate",
+        "DecontaminateConfig",
+        None,
+    ),
+}
+
+
+def _job(name: str):
+    """(config class, loader) of a job, imported only when that job runs or shows its help."""
+    import importlib
+
+    module = importlib.import_module(JOBS[name][1])
+    return getattr(module, JOBS[name][2]), getattr(module, f"load_{name}_config")
+
+
+def _add_run_command(commands, name: str, what: str, default: str | None, with_options: bool) -> None:
     """`openr1-jax NAME [CONFIG] [key=value ...]`; --help lists every option with its default."""
     from openr1_jax.models.presets import config_dir
     from openr1_jax.structured import help_text
-    from openr1_jax.train.config import SFTConfig
 
-    recipes = config_dir(kind)
-    names = ", ".join(sorted(p.stem for p in recipes.glob("*.yaml")))
+    recipes = sorted(p.stem for p in config_dir(name).glob("*.yaml"))
+    if recipes:
+        config_help = f"CONFIG is a YAML file or a recipe name ({', '.join(recipes)}; default: {default})"
+    else:
+        config_help = "CONFIG is a YAML file (optional)"
+    cls = _job(name)[0] if with_options else None
     command = commands.add_parser(
         name,
         help=what,
-        description=f"{what}. CONFIG is a YAML file or a recipe name ({names}); KEY=VALUE pairs override "
-        "its options (e.g. optimizer.learning_rate=4e-5 data.seq_len=4096).",
-        epilog="options (KEY [default]):\n" + help_text(SFTConfig),
+        description=f"{what}. {config_help}; KEY=VALUE pairs override its options (dotted, e.g. a.b=1).",
+        epilog=("options (KEY [default]):\n" + help_text(cls)) if cls is not None else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    command.add_argument("config", nargs="?", default="default", help="YAML file or recipe name (default: default)")
+    command.add_argument("config", nargs="?", default=default, help="YAML file or recipe name")
     command.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
 
 
@@ -95,23 +139,50 @@ def run(args: argparse.Namespace) -> None:
                 overwrite=args.overwrite,
             )
             print(f"wrote {args.out_dir}")
-    elif args.command == "sft":
-        from openr1_jax.train.config import load_sft_config
-        from openr1_jax.train.sft import run_sft
-
+    elif args.command in JOBS:
         config, overrides = _config_and_overrides(args)
-        result = run_sft(load_sft_config(config, overrides))
-        _print_result(result)
+        cfg = _job(args.command)[1](config, overrides)
+        _run_job(args.command, cfg)
     elif args.command == "demo":
         from openr1_jax.demo import run_demo
 
         run_demo(args.output_dir, args.overrides)
 
 
-def _config_and_overrides(args: argparse.Namespace) -> tuple[str, list[str]]:
+def _run_job(name: str, cfg) -> None:
+    if name == "sft":
+        from openr1_jax.train.sft import run_sft
+
+        _print_result(run_sft(cfg))
+    elif name == "generate":
+        from openr1_jax.generate.run import run_generate, summary_line
+
+        print(summary_line(run_generate(cfg)))
+    elif name == "evaluate":
+        from openr1_jax.evaluate.run import run_evaluate
+
+        r = run_evaluate(cfg)
+        passk = "".join(f", {k} {100 * v:.1f}%" for k, v in r["pass@k"].items() if k != "pass@1")
+        print(
+            f"{r['benchmark']}: pass@1 {100 * r['pass@1']:.1f}%{passk} over {r['num_problems']} problems x "
+            f"{r['num_samples']} samples; report in {r['output_path']}"
+        )
+    elif name == "serve":
+        from openr1_jax.generate.server import serve
+
+        serve(cfg)
+    elif name == "decontaminate":
+        from openr1_jax.evaluate.decontaminate import run_decontaminate
+
+        r = run_decontaminate(cfg)
+        flagged = ", ".join(f"{name}: {n}" for name, n in r["contaminated"].items())
+        print(f"{r['rows']} rows, contaminated ({flagged}), {r['kept']} written to {r['output_path']}")
+
+
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """argparse cannot tell `sft a=1` (overrides only) from `sft recipe`: a first word with '=' is an override."""
-    if "=" in args.config:
-        return "default", [args.config, *args.overrides]
+    if args.config is not None and "=" in args.config:
+        return JOBS[args.command][3], [args.config, *args.overrides]
     return args.config, list(args.overrides)
 
 
@@ -128,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every read and write at INFO
     logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'" on a CPU
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         run(args)
     except UserError as err:

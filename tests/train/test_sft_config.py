@@ -13,7 +13,7 @@ import transformers
 from openr1_jax.cli import main
 from openr1_jax.data.embedded import TOKENIZER_DIR
 from openr1_jax.models.presets import config_dir, list_presets, load_model_config
-from openr1_jax.train.config import SFTConfig, list_recipes, load_sft_config
+from openr1_jax.train.config import list_recipes, load_sft_config
 from openr1_jax.train.sft import run_sft
 from tests.hf_models import save_random_model
 
@@ -21,15 +21,21 @@ CONFIGS = config_dir("models").parent
 
 
 def test_every_yaml_in_configs_parses_and_validates():
+    """Every shipped YAML loads with the loader of its kind (model presets and every job's recipes)."""
+    from openr1_jax.cli import JOBS, _job
+
     yamls = sorted(CONFIGS.rglob("*.yaml"))
     kinds = {p.parent.name for p in yamls}
-    assert kinds <= {"models", "sft"}, f"add a parse check for configs/{kinds - {'models', 'sft'}}"
+    assert kinds <= {"models", *JOBS}, f"configs/{kinds - {'models', *JOBS}} has no loader"
     assert len(list_presets()) >= 9 and "default" in list_recipes()
     for name in list_presets():
         load_model_config(name)
+    for path in yamls:
+        if path.parent.name != "models":
+            cls, load = _job(path.parent.name)
+            assert isinstance(load(str(path), []), cls), path
     for name in list_recipes():
         cfg = load_sft_config(name)
-        assert isinstance(cfg, SFTConfig)
         if not Path(cfg.model.name_or_path).exists():  # presets resolve now; checkpoint paths at run time
             assert cfg.model.name_or_path in list_presets() or "/" in cfg.model.name_or_path
 
