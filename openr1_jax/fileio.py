@@ -1,4 +1,4 @@
-"""Output folders that appear whole or not at all."""
+"""Output folders and files that appear whole or not at all."""
 
 from __future__ import annotations
 
@@ -48,6 +48,22 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, all_processe
     finally:
         if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it is fsynced and renamed over `path`, so readers
+    (and a run killed mid-write) see the old file or the new one, never half of one."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _barrier(multi: bool, name: str) -> None:

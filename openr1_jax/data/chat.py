@@ -39,7 +39,7 @@ def load_tokenizer(cfg: DataConfig):
     except Exception as e:  # missing folder, offline hub, broken files: one message for the user
         raise UserError(f"cannot load tokenizer {name!r} (data.tokenizer): {e}") from e
     if cfg.chat_template is not None:
-        tokenizer.chat_template = _read_template(cfg.chat_template)
+        tokenizer.chat_template = read_template(cfg.chat_template)
     if cfg.eos_token is not None:
         if cfg.eos_token not in tokenizer.get_vocab():
             raise UserError(f"data.eos_token {cfg.eos_token!r} is not a token of tokenizer {name!r}.")
@@ -95,9 +95,11 @@ _PREFIX_ERROR = (
 )
 
 
-def _read_template(value: str) -> str:
-    if "{" not in value and os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
+def read_template(value: str) -> str:
+    """A Jinja template given inline, or the contents of the file it names (a template always holds a brace)."""
+    path = os.path.expanduser(value)
+    if "{" not in value and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
             return f.read()
     return value
 

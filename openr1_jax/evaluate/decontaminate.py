@@ -12,8 +12,6 @@ instead (Open-R1's `--cleanup`). Texts shorter than `ngram_size` words have no n
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, Literal
 
 from openr1_jax.errors import UserError
 from openr1_jax.evaluate.benchmarks import BenchmarkConfig, read_rows
+from openr1_jax.fileio import atomic_file
 from openr1_jax.models.presets import config_dir
 from openr1_jax.structured import load_config
 from openr1_jax.train.config import resolve_recipe
@@ -176,9 +175,7 @@ def _read_dataset(cfg: DecontaminateConfig) -> tuple[list[dict[str, Any]], str]:
 
 
 def _write_rows_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(path) as tmp:
         if path.suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -186,10 +183,4 @@ def _write_rows_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
             pq.write_table(pa.Table.from_pylist(rows), tmp)
         else:
             with open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

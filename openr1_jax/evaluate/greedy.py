@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from openr1_jax.data.embedded.task import is_correct
 from openr1_jax.errors import UserError
+from openr1_jax.generate.engine import eos_ids
 
 PROMPT_BUCKET = 8  # prompt lengths round up to this, so batches of similar prompts share one compilation
 
@@ -54,13 +55,6 @@ def _decode(graphdef, state, tokens_BxT, prompt_len_B, eos_ids, *, max_new_token
     init = (jnp.int32(0), tokens_BxT, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
     _, tokens_BxT, _, length_B = jax.lax.while_loop(cond, body, init)
     return tokens_BxT, length_B
-
-
-def _eos_ids(tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no eos_token: greedy decoding needs one to know where answers end")
-    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
 def encode_prompts(tokenizer, prompts: Sequence[list[dict]]) -> list[list[int]]:
@@ -121,10 +115,10 @@ def greedy_generate(
     """
     if not prompts:
         return []
-    eos_ids = _eos_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    generated = generate_ids(model, encode_prompts(tokenizer, prompts), max_new_tokens, eos_ids, pad_id, batch_size)
-    return [tokenizer.decode(g[:-1] if g and g[-1] in eos_ids else g, skip_special_tokens=False) for g in generated]
+    eos = eos_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    generated = generate_ids(model, encode_prompts(tokenizer, prompts), max_new_tokens, eos, pad_id, batch_size)
+    return [tokenizer.decode(g[:-1] if g and g[-1] in eos else g, skip_special_tokens=False) for g in generated]
 
 
 def prompt_messages(row: dict) -> list[dict]:

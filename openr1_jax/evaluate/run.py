@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from openr1_jax.data.chat import read_template
 from openr1_jax.errors import UserError
 from openr1_jax.evaluate.benchmarks import Problem, load_problems, problem_seed, render_prompt
 from openr1_jax.evaluate.config import EvaluateConfig, load_evaluate_config
 from openr1_jax.evaluate.passk import mean_pass_at_k
 from openr1_jax.evaluate.pool import BoundedPool
 from openr1_jax.evaluate.scoring import Score, math_pool, score_choice, score_math_all
+from openr1_jax.fileio import atomic_file
 
 __all__ = ["load_evaluate_config", "run_evaluate"]
 
@@ -118,21 +119,13 @@ def _load_engine(cfg: EvaluateConfig):
         max_seq_len=cfg.model.max_seq_len,
     )
     if cfg.prompt.chat_template is not None:
-        engine.tokenizer.chat_template = _read_chat_template(cfg.prompt.chat_template)
+        engine.tokenizer.chat_template = read_template(cfg.prompt.chat_template)
     if cfg.prompt.use_chat_template and not getattr(engine.tokenizer, "chat_template", None):
         raise UserError(
             f"the tokenizer of '{cfg.model.name_or_path}' has no chat template: set prompt.chat_template, or "
             "prompt.use_chat_template=false for raw text"
         )
     return engine
-
-
-def _read_chat_template(value: str) -> str:
-    """Jinja text as given, or the contents of the file it names (a template always holds a brace)."""
-    path = Path(value).expanduser()
-    if "{" not in value and path.is_file():
-        return path.read_text(encoding="utf-8")
-    return value
 
 
 def _prompt_text(engine, cfg: EvaluateConfig, problem: Problem) -> str:
@@ -207,14 +200,6 @@ def _problem_detail(problem: Problem, prompt: str, output, scores: list[Score], 
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+        f.write("\n")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from openr1_jax.data.chat import read_template
 from openr1_jax.errors import UserError
 from openr1_jax.generate.config import GenerateConfig
 from openr1_jax.generate.openai_client import OpenAIClient, RequestFailed
@@ -40,14 +41,6 @@ def derived_seed(base: int | None, row_id: Any, sample: int | None = None) -> in
         return None
     text = f"{base}:{id_key(row_id)}" + ("" if sample is None else f":{sample}")
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
-
-
-def read_template(value: str) -> str:
-    """A Jinja template given inline or as a path to a file holding one."""
-    if "{" not in value and os.path.isfile(os.path.expanduser(value)):
-        with open(os.path.expanduser(value), encoding="utf-8") as f:
-            return f.read()
-    return value
 
 
 def make_backend(cfg: GenerateConfig) -> EngineBackend | OpenAIBackend:

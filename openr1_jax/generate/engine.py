@@ -21,6 +21,7 @@ keep their training shardings and enter the jitted functions as they are (no cop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -257,7 +258,7 @@ class Engine:
         if max_seq_len is not None and not 1 < max_seq_len <= limit:
             raise UserError(f"max_seq_len must lie in [2, {limit}] (the model's max_position_embeddings)")
         self.max_seq_len = max_seq_len or limit
-        self.eos_ids = _eos_ids(tokenizer)
+        self.eos_ids = eos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @classmethod
@@ -333,7 +334,7 @@ class Engine:
             stop_ids = sorted((set() if p.ignore_eos else set(self.eos_ids)) | set(p.stop_token_ids))
             rows += [_Row(i, j, p, seed, stop_ids) for j in range(p.n)]
 
-        context = sharding_context(self.mesh, self.rules) if self.mesh is not None else _nullcontext()
+        context = sharding_context(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
         with context:
             self._run(rows, prompt_ids, on_update, progress)
         outputs = [RequestOutput(ids, []) for ids in prompt_ids]
@@ -473,7 +474,8 @@ def _longest(stops: Sequence[str]) -> int:
     return max((len(s) for s in stops), default=0)
 
 
-def _eos_ids(tokenizer) -> list[int]:
+def eos_ids(tokenizer) -> list[int]:
+    """The tokenizer's EOS id(s) as a list (some tokenizers have several)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer has no eos_token: generation needs one to know where answers end")
@@ -485,14 +487,6 @@ def _without_intermediates(model):
     model = nnx.clone(model)
     nnx.pop(model, nnx.Intermediate)
     return model
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def load_tokenizer_for(path: str | Path, tokenizer=None):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from openr1_jax.errors import UserError
+from openr1_jax.fileio import atomic_file
 from openr1_jax.generate.prompts import id_key
 
 
@@ -68,15 +69,11 @@ class JsonlOutput:
                 else:
                     self.done.add(id_key(record["id"]))
         if errors:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            with atomic_file(self.path) as tmp, open(self.path, "rb") as src, open(tmp, "wb") as dst:
                 for line_no, line in enumerate(src, 1):
                     record = self._parse(line, line_no)
                     if record is not None and not record.get("error"):
                         dst.write(line)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
         self.dropped_errors = errors
 
@@ -112,9 +109,8 @@ class JsonlOutput:
                 self.done.add(id_key(r["id"]))
 
     def _write_meta(self) -> None:
-        tmp = self.meta_path.with_name(f".{self.meta_path.name}.tmp")
-        tmp.write_text(json.dumps({"fingerprint": self._fingerprint}, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, self.meta_path)
+        with atomic_file(self.meta_path) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": self._fingerprint}, indent=2, default=str) + "\n", "utf-8")
 
     def close(self) -> None:
         if self._file is not None:

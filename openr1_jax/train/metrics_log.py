@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from openr1_jax.errors import UserError
+from openr1_jax.fileio import atomic_file
 
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 METRICS_FILE = "metrics.jsonl"
@@ -65,9 +66,8 @@ def _truncate_jsonl(path: Path, keep_through_step: int) -> None:
             continue  # a line cut short by a kill
         if record.get("step", 0) <= keep_through_step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(kept))
 
 
 class MetricsLogger:
