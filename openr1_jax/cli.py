@@ -51,17 +51,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the embedded default: SFT of a tiny MoE on the bundled task, then its held-out accuracy",
+        help="the embedded default: base -> SFT -> GRPO (R1) and base -> GRPO (R1-Zero) on the bundled task",
         formatter_class=fmt,
     )
     demo.add_argument("--output-dir", default="runs/demo", help="where the run writes")
-    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the sft default")
+    demo.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="STAGE.KEY=VALUE",
+        help="overrides of one stage's config: pretrain./sft. (the sft default), grpo./r1zero. (the grpo default)",
+    )
     return parser
 
 
 # name -> (help, config module, config class, default recipe); loaders are `load_<name>_config(config, overrides)`.
 JOBS = {
     "sft": ("supervised fine-tuning (Open-R1 step 1) on chat data", "openr1_jax.train.config", "SFTConfig", "default"),
+    "grpo": (
+        "GRPO reinforcement learning with rule-based rewards (Open-R1 steps 2 and 3), rollouts on the same mesh",
+        "openr1_jax.rl.config",
+        "GRPOConfig",
+        "default",
+    ),
     "generate": (
         "sample completions of a dataset's prompts (distillation) with our engine or an OpenAI-compatible server",
         "openr1_jax.generate.config",
@@ -154,6 +165,18 @@ def _run_job(name: str, cfg) -> None:
         from openr1_jax.train.sft import run_sft
 
         _print_result(run_sft(cfg))
+    elif name == "grpo":
+        from openr1_jax.rl.grpo import run_grpo
+
+        r = run_grpo(cfg)
+        state = "preempted at" if r.preempted else "finished"
+        print(f"{state} step {r.steps}; outputs in {r.output_dir}")
+        if r.evaluations:
+            first, last = r.evaluations[0], r.evaluations[-1]
+            print(
+                f"held-out accuracy {100 * first['accuracy']:.1f}% (step {first['step']}) -> "
+                f"{100 * last['accuracy']:.1f}% (step {last['step']}), format {100 * last['format_rate']:.1f}%"
+            )
     elif name == "generate":
         from openr1_jax.generate.run import run_generate, summary_line
 

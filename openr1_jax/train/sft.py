@@ -71,19 +71,33 @@ def resolve_model(section: ModelSection) -> tuple[ModelConfig, Path | None]:
     return load_model_config(section.name_or_path, dict(section.overrides)), None
 
 
-def initial_params(cfg: SFTConfig, model_cfg: ModelConfig, weights: Path | None, mesh) -> tuple[Any, Any, Any]:
-    """(graphdef, params, buffers), every array already sharded on `mesh`; never a full copy on one device."""
-    from openr1_jax.sharding.init import create_sharded_model
-
-    m = cfg.model
+def sharded_train_state(
+    section: ModelSection, model_cfg: ModelConfig, weights: Path | None, optimizer, mesh, seed: int
+) -> tuple[Any, TrainState, TrainState]:
+    """(graphdef, fresh TrainState, its shardings): parameters laid out by the rules from birth (or load), the
+    optimizer state sharded like them. Call inside `sharding_context(mesh, DEFAULT_RULES)`."""
+    m = section
     if weights is None:
-        return create_sharded_model(
-            model_cfg, mesh, DEFAULT_RULES, dtype=m.dtype, param_dtype=m.param_dtype, seed=cfg.seed
-        )
-    from openr1_jax.models.load import load_model
+        from openr1_jax.sharding.init import create_sharded_model
 
-    model = load_model(weights, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, **m.overrides)
-    return split_model(model)
+        graphdef, params, buffers = create_sharded_model(
+            model_cfg, mesh, DEFAULT_RULES, dtype=m.dtype, param_dtype=m.param_dtype, seed=seed
+        )
+    else:
+        from openr1_jax.models.load import load_model
+
+        model = load_model(weights, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, **m.overrides)
+        graphdef, params, buffers = split_model(model)
+    abstract = jax.eval_shape(lambda p, b: create_train_state(p, b, optimizer, seed), params, buffers)
+    shardings = train_state_shardings(
+        optimizer,
+        abstract,
+        jax.tree.map(lambda a: a.sharding, params),  # already laid out by the rules
+        jax.tree.map(lambda a: a.sharding, buffers),
+        mesh,
+    )
+    state = jax.jit(lambda p, b: create_train_state(p, b, optimizer, seed), out_shardings=shardings)(params, buffers)
+    return graphdef, state, shardings
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,19 +167,7 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
     optimizer = make_optimizer(cfg.optimizer, total_steps)
     schedule = learning_rate_schedule(cfg.optimizer, total_steps)
     with sharding_context(mesh, DEFAULT_RULES):
-        graphdef, params, buffers = initial_params(cfg, model_cfg, weights, mesh)
-        abstract = jax.eval_shape(lambda p, b: create_train_state(p, b, optimizer, cfg.seed), params, buffers)
-        shardings = train_state_shardings(
-            optimizer,
-            abstract,
-            jax.tree.map(lambda a: a.sharding, params),  # already laid out by the rules
-            jax.tree.map(lambda a: a.sharding, buffers),
-            mesh,
-        )
-        state = jax.jit(lambda p, b: create_train_state(p, b, optimizer, cfg.seed), out_shardings=shardings)(
-            params, buffers
-        )
-        del params, buffers
+        graphdef, state, shardings = sharded_train_state(cfg.model, model_cfg, weights, optimizer, mesh, cfg.seed)
         batch_sharding = named_sharding(("batch", None), mesh, DEFAULT_RULES, (cfg.batch_size, cfg.data.seq_len))
         train_step = jit_train_step(
             make_train_step(graphdef, optimizer, cfg.training, schedule),

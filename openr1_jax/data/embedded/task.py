@@ -69,6 +69,7 @@ def make_row(a: int, b: int) -> dict:
         "id": f"add-{a}-{b}",
         "problem": problem,
         "answer": str(a + b),
+        "solution": str(a + b),  # the gold answer under the column name Open-R1's accuracy reward reads
         "messages": [
             {"role": "user", "content": problem},
             {"role": "assistant", "content": solution_text(a, b)},
