@@ -45,8 +45,8 @@ def test_default_recipe_end_to_end_then_resume_is_a_no_op(checkpoint_dir, tokeni
     assert summary["kept"] == sum(r["kept"] for r in records) and summary["completion_tokens"] > 0
     for record, row in zip(records, rows):
         assert list(record) == [
-            "id", "problem", "answer", "messages", "prompt", "generations", "finish_reasons", "prompt_tokens",
-            "completion_tokens", "verdicts", "pass_rate", "kept", "error",
+            "id", "problem", "answer", "solution", "messages", "prompt", "generations", "finish_reasons",
+            "prompt_tokens", "completion_tokens", "verdicts", "pass_rate", "kept", "error",
         ]  # fmt: skip
         assert (record["problem"], record["answer"], record["prompt"]) == (
             row["problem"],
