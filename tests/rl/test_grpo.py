@@ -228,7 +228,6 @@ def test_off_policy_gspo_with_reference_runs(tmp_path):
 def test_exact_resume_after_a_crash(tmp_path, monkeypatch):
     """6 steps straight == 2 steps, a crash right after that checkpoint, and a resume: parameters bitwise equal,
     and the resumed run logs the same metrics."""
-    from openr1_jax.convert.checkpoint import load_model as load_ckpt  # noqa: F401 (import check)
     from openr1_jax.models.load import load_model
     from openr1_jax.models.params import flat_variables
     from openr1_jax.train import checkpointing
