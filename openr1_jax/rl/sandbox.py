@@ -128,6 +128,9 @@ class _Plan:
 @functools.cache
 def _plan(isolation: str, python: str) -> _Plan:
     """The first isolation that runs a trivial program here; `UserError` when none does."""
+    # The real interpreter behind a venv's symlink: the venv (or the checkout holding it) may live under /tmp,
+    # which the sandbox covers with its private tmpfs, and programs run with -I -S, so the venv adds nothing.
+    python = os.path.realpath(python)
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise UserError(f"the sandbox interpreter '{python}' is not an executable file")
     if sys.platform != "linux" and isolation != "none":
@@ -168,7 +171,7 @@ def _hidden_and_kept(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _interpreter_dirs(python: str) -> list[str]:
     if os.path.realpath(python) == os.path.realpath(sys.executable):
-        return [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+        return [sys.base_prefix, sys.base_exec_prefix]  # the venv's own prefix is not used (-I -S)
     code = "import json, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
     try:
         out = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, timeout=60, check=True)
