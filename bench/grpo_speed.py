@@ -26,9 +26,14 @@ a folder made (git-ignored) with
    Both sides check that every completion has exactly N tokens.
 3. Generation time = prompts -> scored, normalised batch (ours: `generate_rollout`; TRL:
    `_generate_and_score_completions`, both include the reward and advantages). Training time = the rest of the
-   step (ours: batch to device, the jitted step, block until done; TRL: the remainder of its step, measured
-   from one `on_step_end` to the next). --warmup steps (our compiles, torch's first calls) are dropped, then the
-   median of --steps steps is reported. torch runs with torch.set_num_threads(--torch-threads), default all cores.
+   step (ours: batch to device, the jitted step, block until done; TRL: the rest of its step from
+   `on_step_begin` to `on_step_end`: loss, backward, clipping, AdamW). The two sides alternate step by step (the
+   TRL worker waits for a "go" before each step), so load from other processes falls on both. --warmup steps
+   (our compiles, torch's first calls; the first step's time is printed) are dropped; the median of --steps
+   steps and the fastest step are reported. torch runs with torch.set_num_threads(--torch-threads), default all
+   cores. On a 2-core machine that other processes also use, torch's OpenMP threads slow down far more than
+   XLA's (steps of 10-120 s instead of ~1.2 s were seen): read the printed load average, and trust a run only
+   when it is about 1 before and after.
 """
 
 from __future__ import annotations
@@ -237,7 +242,7 @@ def trl_worker(spec: dict, proto_in, proto_out) -> dict:
         tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
         for p in spec["problems"]
     ]
-    prompt_ids = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p for p in prompt_ids]
+    prompt_ids = [p["input_ids"] if hasattr(p, "keys") else p for p in prompt_ids]  # transformers 5: a dict
 
     lengths: set[int] = set()
 
@@ -394,6 +399,7 @@ def run(args) -> dict:
 
     steps_total = args.warmup + args.steps
     rows = load_rows("train", args.prompts * steps_total)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_cfg, tokenizer, ckpt, hf_dir = build(args.preset, work)
@@ -465,6 +471,7 @@ def run(args) -> dict:
             ok = ok and t["completion_lengths"] == [args.new_tokens] and t["prompts_equal_ours"]
             ok = ok and t["logp_max_abs_diff"] < 1e-3
         result["checks_pass"] = ok
+    result["load_average"] = [load_before, os.getloadavg()[0]]  # other processes on the machine inflate both sides
     return result
 
 
@@ -497,6 +504,10 @@ def report(r: dict) -> None:
             f" same prompts: {t['prompts_equal_ours']}; transformers' log-probs of our samples differ by at most"
             f" {t['logp_max_abs_diff']:.1e}"
         )
+    print(
+        f"  1-minute load average before / after: {r['load_average'][0]:.1f} / {r['load_average'][1]:.1f}"
+        " (the benchmark alone adds about 1; more means other processes shared the cores)"
+    )
     lengths = {name: s["completion_lengths"] for name, s in sides}
     print(f"  completion lengths seen: {lengths}; checks pass: {r['checks_pass']}")
 
