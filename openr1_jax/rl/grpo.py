@@ -43,8 +43,9 @@ from openr1_jax.structured import to_dict
 from openr1_jax.train.checkpointing import Checkpointer, PreemptionGuard
 from openr1_jax.train.metrics_log import MetricsLogger
 from openr1_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from openr1_jax.train.sft import resolve_model, sharded_train_state
+from openr1_jax.train.sft import export_model, resolve_model, sharded_train_state
 from openr1_jax.train.state import merge_model
+from openr1_jax.train.step import jit_train_step
 
 log = logging.getLogger("openr1_jax.grpo")
 
@@ -192,12 +193,7 @@ def run_grpo(cfg: GRPOConfig, extra_rewards: dict[str, Callable] | None = None) 
             schedule=schedule,
             bias_update_rate=cfg.bias_update_rate,
         )
-        train_step = jax.jit(
-            step_fn,
-            in_shardings=(shardings, batch_shardings),
-            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=(0,),
-        )
+        train_step = jit_train_step(step_fn, shardings, batch_shardings)
         ref_logps = jax.jit(make_logps_fn(graphdef, cfg.temperature)) if ref_params is not None else None
         engine = Engine.from_state(
             graphdef,
@@ -213,14 +209,9 @@ def run_grpo(cfg: GRPOConfig, extra_rewards: dict[str, Callable] | None = None) 
         data = prompt_iterator(len(s.rows), cfg.prompts_per_generation, cfg.data.shuffle_seed + cfg.seed)
 
         checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint)
-        step = 0
-        if cfg.resume and checkpointer.latest_step() is not None:
-            state, _ = checkpointer.restore(None, state, data)
-            step = int(state.step)
+        state, step = checkpointer.start_or_resume(cfg.resume, state, data)
+        if step:
             log.info("resumed from step %d of %d", step, total_steps)
-        elif not cfg.resume and checkpointer.latest_step() is not None:
-            checkpointer.close()
-            raise UserError(f"{out} already holds checkpoints; pass resume=true or choose another output_dir")
 
         logger = MetricsLogger(out, cfg.logging, total_steps, to_dict(cfg), is_main_process=main, start_step=step)
         accuracy = reward_registry.get_reward("accuracy")
@@ -323,7 +314,13 @@ def run_grpo(cfg: GRPOConfig, extra_rewards: dict[str, Callable] | None = None) 
         if not evaluations or evaluations[-1]["step"] != step:
             evaluate(step)
         logger.close()
-        _export(cfg, merge_model(graphdef, state.params, state.buffers), s.tokenizer, out, main)
+        export_model(
+            merge_model(graphdef, state.params, state.buffers), s.tokenizer, out, export_hf=cfg.export_hf, main=main
+        )
+        if main:
+            from openr1_jax.rl.plot import plot_rewards
+
+            plot_rewards(out / "metrics.jsonl", out / "rewards.png")
     return GRPOResult(out, step, False, evaluations, last_metrics)
 
 
@@ -345,19 +342,6 @@ def _write_evaluations(out: Path, evaluations: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "eval.json") as tmp:
         tmp.write_text(json.dumps(evaluations, indent=2) + "\n")
-
-
-def _export(cfg: GRPOConfig, model, tokenizer, out: Path, main: bool) -> None:
-    from openr1_jax.convert.checkpoint import save_model
-    from openr1_jax.rl.plot import plot_rewards
-
-    save_model(model, out / "model", overwrite=True, tokenizer=tokenizer)
-    if cfg.export_hf and main:
-        from openr1_jax.convert.jax_to_hf import convert_jax_to_hf
-
-        convert_jax_to_hf(out / "model", out / "hf", overwrite=True)
-    if main:
-        plot_rewards(out / "metrics.jsonl", out / "rewards.png")
 
 
 __all__ = ["GRPOResult", "check_grpo", "run_grpo"]

@@ -135,6 +135,19 @@ class Checkpointer:
         # Our own schedule decided; force skips orbax's policy (which would also save the very first step).
         return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+    def start_or_resume(self, resume: bool, state: Any, data_iterator: Any = None) -> tuple[Any, int]:
+        """(state, step) to start the loop from: the latest checkpoint's when `resume` and there is one, else
+        `state` and 0. A folder that holds checkpoints while `resume` is off is refused (nothing is overwritten)."""
+        if self.latest_step() is None:
+            return state, 0
+        if not resume:
+            self.close()
+            raise UserError(
+                f"{self.directory.parent} already holds checkpoints; pass resume=true or choose another output_dir"
+            )
+        state, _ = self.restore(None, state, data_iterator)
+        return state, int(state.step)
+
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step (including saves of this process still committing)."""
         return self._manager.latest_step()

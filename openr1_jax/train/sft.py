@@ -177,14 +177,9 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
 
         # 3. Resume.
         checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint)
-        start = 0
-        if cfg.resume and checkpointer.latest_step() is not None:
-            state, _ = checkpointer.restore(None, state, data)
-            start = int(state.step)
+        state, start = checkpointer.start_or_resume(cfg.resume, state, data)
+        if start:
             log.info("resumed from step %d of %d", start, total_steps)
-        elif not cfg.resume and checkpointer.latest_step() is not None:
-            checkpointer.close()
-            raise UserError(f"{out} already holds checkpoints; pass resume=true or choose another output_dir")
 
         # 4. The loop.
         peak = flops.peak_flops_per_device(override=cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
@@ -248,7 +243,11 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
             cfg.data.overlong,
         )
         model = merge_model(graphdef, state.params, state.buffers)
-        _export(cfg, model, tokenizer, out, main)
+        export_model(model, tokenizer, out, export_hf=cfg.export_hf, main=main)
+        if main:
+            from openr1_jax.train.plot import plot_metrics
+
+            plot_metrics(out / "metrics.jsonl", out / "loss.png")
         evaluation = None
         if eval_rows:
             from openr1_jax.evaluate.greedy import heldout_accuracy
@@ -262,17 +261,16 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
     return SFTResult(out, step, False, final_loss, evaluation)
 
 
-def _export(cfg: SFTConfig, model, tokenizer, out: Path, main: bool) -> None:
+def export_model(model, tokenizer, out: Path, *, export_hf: bool, main: bool) -> None:
+    """The finished model as `out/model` (an openr1-jax checkpoint with its tokenizer) and, with `export_hf`,
+    `out/hf` (a Hugging Face folder); every process writes its shards, only the main one converts."""
     from openr1_jax.convert.checkpoint import save_model
-    from openr1_jax.train.plot import plot_metrics
 
-    save_model(model, out / "model", overwrite=True, tokenizer=tokenizer)  # every process writes its shards
-    if cfg.export_hf and main:
+    save_model(model, out / "model", overwrite=True, tokenizer=tokenizer)
+    if export_hf and main:
         from openr1_jax.convert.jax_to_hf import convert_jax_to_hf
 
         convert_jax_to_hf(out / "model", out / "hf", overwrite=True)
-    if main:
-        plot_metrics(out / "metrics.jsonl", out / "loss.png")
 
 
 def _evaluation_rows(cfg: SFTConfig) -> list[dict] | None:
