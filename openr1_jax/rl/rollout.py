@@ -20,6 +20,7 @@ from openr1_jax.generate.engine import Engine
 from openr1_jax.generate.sampling import SamplingParams
 from openr1_jax.rl.advantages import Advantages, group_advantages
 from openr1_jax.rl.config import GRPOConfig, PromptDataSection
+from openr1_jax.rl.rewards import call_reward
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,9 +67,11 @@ class PromptBuilder:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def ids(self, row: dict, max_length: int) -> list[int]:
+        return self.encode(self(row), max_length)
+
+    def encode(self, text: str, max_length: int) -> list[int]:
         """Token ids, the left cut to `max_length` as TRL does (the end of a prompt is what the model continues)."""
-        ids = self.tokenizer(self(row), add_special_tokens=False)["input_ids"]
-        return ids[-max_length:]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,10 +85,8 @@ def compute_rewards(
     columns = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
     out = np.full((len(completions), len(funcs)), np.nan, np.float32)
     for j, (fn, name) in enumerate(zip(funcs, names, strict=True)):
-        values = fn(completions, prompts=prompts, completion_ids=completion_ids, **columns)
-        if len(values) != len(completions):
-            raise UserError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions")
-        out[:, j] = [np.nan if v is None else float(v) for v in values]
+        values = call_reward(name, fn, completions, prompts=prompts, completion_ids=completion_ids, **columns)
+        out[:, j] = [np.nan if v is None else v for v in values]
     return out
 
 
@@ -152,7 +153,8 @@ def generate_rollout(
     """Sample G completions of each row's prompt (row i gets seed `seed + i`), score them, normalise."""
     G, P, C = cfg.num_generations, cfg.max_prompt_length, cfg.max_completion_length
     T = P + C
-    prompt_ids = [builder.ids(row, P) for row in rows]
+    prompt_texts = [builder(row) for row in rows]
+    prompt_ids = [builder.encode(text, P) for text in prompt_texts]
     start = time.perf_counter()
     outputs = engine.generate(prompt_ids, [sampling_params(cfg, seed + i) for i in range(len(rows))])
     generation_seconds = time.perf_counter() - start
@@ -165,7 +167,6 @@ def generate_rollout(
     lengths = np.zeros((N,), np.int32)
     truncated = np.zeros((N,), bool)
     texts, prompts, token_lists, flat_rows = [], [], [], []
-    prompt_texts = [builder(row) for row in rows]
     for i, (out, row) in enumerate(zip(outputs, rows, strict=True)):
         p = len(out.prompt_token_ids)
         for completion in sorted(out.outputs, key=lambda c: c.index):
