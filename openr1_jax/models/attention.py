@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from openr1_jax.models import kv_cache
+from openr1_jax.models import kernels, kv_cache
 from openr1_jax.models.config import GQAConfig
 from openr1_jax.models.kv_cache import KVCache
 from openr1_jax.models.layers import Dtype, Linear
@@ -48,11 +48,15 @@ def dot_product_attention(
     return out_BxMxGxTxO.transpose(0, 3, 1, 2, 4).reshape(B, T, N, v_BxSxMxO.shape[-1])
 
 
-def attention(q, k, v, mask_BxTxS, scale: float, impl: str) -> jax.Array:
-    """Backend switch (`attention_impl` in the model config)."""
+def attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale: float, impl: str) -> jax.Array:
+    """Causal self-attention within packed segments; the backend switch (`attention_impl` in the model config):
+    "xla" materialises the [T, T] scores, "pallas" runs the flash attention kernel of the platform (XLA on CPU),
+    "pallas_interpret" the TPU kernel in the Pallas interpreter (tests)."""
     if impl == "xla":
-        return dot_product_attention(q, k, v, mask_BxTxS, scale)
-    raise ValueError(f"unknown attention_impl '{impl}'")
+        return dot_product_attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, causal_segment_mask(segment_ids_BxT), scale)
+    return kernels.flash_attention(
+        q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale, interpret=impl == "pallas_interpret"
+    )
 
 
 class GQAttention(nnx.Module):
@@ -101,16 +105,16 @@ class GQAttention(nnx.Module):
         k = apply_rope(self.k_proj(x_BxTxD), cos, sin, interleaved=False)
         return q, k, self.v_proj(x_BxTxD)
 
-    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
+    def __call__(self, x_BxTxD, cos, sin, segment_ids_BxT):
         q, k, v = self._qkv(x_BxTxD, cos, sin)
-        return self.o_proj(attention(q, k, v, mask_BxTxS, self.cfg.softmax_scale, self.cfg.impl))
+        return self.o_proj(attention(q, k, v, segment_ids_BxT, self.cfg.softmax_scale, self.cfg.impl))
 
-    def prefill(self, x_BxTxD, cos, sin, mask_BxTxS, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def prefill(self, x_BxTxD, cos, sin, segment_ids_BxT, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """A prompt from position 0 of an empty cache: attention over the prompt, its keys/values cached."""
         q, k, v = self._qkv(x_BxTxD, cos, sin)
         start_B = jnp.zeros((x_BxTxD.shape[0],), jnp.int32)
         cache = KVCache(kv_cache.write(cache.k_BxSxMxH, k, start_B), kv_cache.write(cache.v_BxSxMxH, v, start_B))
-        return self.o_proj(attention(q, k, v, mask_BxTxS, self.cfg.softmax_scale, self.cfg.impl)), cache
+        return self.o_proj(attention(q, k, v, segment_ids_BxT, self.cfg.softmax_scale, self.cfg.impl)), cache
 
     def decode(self, x_BxTxD, cos, sin, cache: KVCache, start_B) -> tuple[jax.Array, KVCache]:
         """T new tokens per row at positions start_B[b] + t, attending over the whole (masked) cache."""

@@ -22,6 +22,9 @@ ARCHITECTURES: dict[str, str] = {  # our name -> transformers class
     "qwen2": "Qwen2ForCausalLM",
     "llama": "LlamaForCausalLM",
 }
+# Implementation switches: same maths, different code (see models/kernels.py for the Pallas ones).
+ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
+MOE_IMPLS = ("ragged", "dense", "pallas", "pallas_interpret")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ class MoEConfig:
     topk_group: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-    impl: Literal["ragged", "dense"] = "ragged"
+    impl: Literal["ragged", "dense", "pallas", "pallas_interpret"] = "ragged"
 
     @property
     def uses_correction_bias(self) -> bool:
@@ -175,8 +178,10 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     # Implementation switches (not part of the math)
-    attention_impl: Literal["xla"] = "xla"
-    moe_impl: Literal["ragged", "dense"] = "ragged"
+    # "pallas": the platform's Pallas kernels (TPU Mosaic, GPU Triton where worth it; XLA on CPU);
+    # "pallas_interpret": the TPU kernels in the Pallas interpreter on any backend (tests, debugging; slow).
+    attention_impl: Literal["xla", "pallas", "pallas_interpret"] = "xla"
+    moe_impl: Literal["ragged", "dense", "pallas", "pallas_interpret"] = "ragged"
     # Rematerialisation of each decoder block in the backward pass: "full" saves nothing (least memory),
     # "save_dots" keeps matmul outputs without batch dims (recomputes only the cheap element-wise ops).
     remat: Literal["none", "full", "save_dots"] = "none"
@@ -198,10 +203,10 @@ class ModelConfig:
                 f"num_key_value_heads ({self.kv_heads})",
             ),
             (
-                self.attention_impl in ("xla",),
-                f"attention_impl '{self.attention_impl}' is not one of ['xla']",
+                self.attention_impl in ATTENTION_IMPLS,
+                f"attention_impl '{self.attention_impl}' is not one of {list(ATTENTION_IMPLS)}",
             ),
-            (self.moe_impl in ("ragged", "dense"), f"moe_impl '{self.moe_impl}' is not 'ragged' or 'dense'"),
+            (self.moe_impl in MOE_IMPLS, f"moe_impl '{self.moe_impl}' is not one of {list(MOE_IMPLS)}"),
             (
                 self.remat in ("none", "full", "save_dots"),
                 f"remat '{self.remat}' is not one of ['none', 'full', 'save_dots']",

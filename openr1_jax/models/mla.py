@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from openr1_jax.models import kv_cache
+from openr1_jax.models import kernels, kv_cache
 from openr1_jax.models.attention import attention
 from openr1_jax.models.config import MLAConfig
 from openr1_jax.models.kv_cache import LatentCache
@@ -91,11 +91,11 @@ class MLA(nnx.Module):
         k_rope_BxTxR = apply_rope(k_rope_BxTxR[:, :, None, :], cos, sin, self.cfg.rope.interleaved)[:, :, 0]
         return ckv_BxTxK, k_rope_BxTxR
 
-    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
-        out, _ = self._expanded(x_BxTxD, cos, sin, mask_BxTxS)
+    def __call__(self, x_BxTxD, cos, sin, segment_ids_BxT):
+        out, _ = self._expanded(x_BxTxD, cos, sin, segment_ids_BxT)
         return out
 
-    def _expanded(self, x_BxTxD, cos, sin, mask_BxTxS):
+    def _expanded(self, x_BxTxD, cos, sin, segment_ids_BxT):
         """Training and prefill: up-project c_KV to per-head keys and values, then ordinary attention."""
         cfg = self.cfg
         Hn, N = cfg.qk_nope_head_dim, cfg.num_heads
@@ -108,13 +108,13 @@ class MLA(nnx.Module):
         k_rope = jnp.broadcast_to(k_rope_BxSxR[:, :, None, :], (*k_nope.shape[:2], N, k_rope_BxSxR.shape[-1]))
         k_BxSxNxH = jnp.concatenate([k_nope, k_rope], axis=-1)
 
-        out_BxTxNxO = attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxO, mask_BxTxS, cfg.softmax_scale, cfg.impl)
+        out_BxTxNxO = attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxO, segment_ids_BxT, cfg.softmax_scale, cfg.impl)
         return self.o_proj(out_BxTxNxO), (ckv_BxSxK, k_rope_BxSxR)
 
-    def prefill(self, x_BxTxD, cos, sin, mask_BxTxS, cache: LatentCache) -> tuple[jax.Array, LatentCache]:
+    def prefill(self, x_BxTxD, cos, sin, segment_ids_BxT, cache: LatentCache) -> tuple[jax.Array, LatentCache]:
         """A prompt from position 0 of an empty cache: the expanded attention over the prompt itself (cheaper
         than the absorbed form when T is large), keeping only the latents in the cache."""
-        out, (ckv_BxTxK, k_rope_BxTxR) = self._expanded(x_BxTxD, cos, sin, mask_BxTxS)
+        out, (ckv_BxTxK, k_rope_BxTxR) = self._expanded(x_BxTxD, cos, sin, segment_ids_BxT)
         start_B = jnp.zeros((x_BxTxD.shape[0],), jnp.int32)
         return out, LatentCache(
             kv_cache.write(cache.latent_BxSxK, ckv_BxTxK, start_B),
@@ -147,7 +147,18 @@ class MLA(nnx.Module):
             latent, k_rope = cache.latent_BxSxK[:, :L], cache.k_rope_BxSxR[:, :L]
             return latent_attention(q_latent_BxTxNxK, q_rope_BxTxNxR, latent, k_rope, mask_BxTxL, cfg.softmax_scale)
 
-        out_latent_BxTxNxK = kv_cache.over_filled_prefix(attend, jnp.max(start_B) + T, S)
+        if cfg.impl == "xla":
+            out_latent_BxTxNxK = kv_cache.over_filled_prefix(attend, jnp.max(start_B) + T, S)
+        else:  # the kernel reads each row's cache only up to that row's own length
+            out_latent_BxTxNxK = kernels.latent_decode_attention(
+                q_latent_BxTxNxK,
+                q_rope_BxTxNxR,
+                cache.latent_BxSxK,
+                cache.k_rope_BxSxR,
+                start_B,
+                cfg.softmax_scale,
+                interpret=cfg.impl == "pallas_interpret",
+            )
         out_BxTxNxO = jnp.einsum("BTNK,KNO->BTNO", out_latent_BxTxNxK, w_uv_KxNxO)
         return self.o_proj(out_BxTxNxO), cache
 

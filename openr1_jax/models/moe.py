@@ -2,11 +2,12 @@
 
   h' = h + sum_i FFN_shared_i(h) + sum_{i in TopK} g_i FFN_routed_i(h)
 
-Routing (`Router`) follows the reference implementations exactly; dispatch has two paths with the same math:
+Routing (`Router`) follows the reference implementations exactly; dispatch has paths with the same math:
 `ragged` sorts the (token, expert) pairs by expert and runs `jax.lax.ragged_dot` grouped matmuls (no token is
-ever dropped; the Pallas grouped matmul plugs in here), `dense` runs every expert on every token (a slow
-reference used by tests). Under a sharding context whose mesh splits the experts (`expert` axis > 1), the
-routed experts run expert-parallel in `jax.shard_map` (`sharding/expert_parallel.py`, same math, dropless).
+ever dropped), `pallas` runs the same sorted rows through the Pallas grouped matmul `gmm` (per device, in
+`jax.shard_map` under a sharding context), `dense` runs every expert on every token (a slow reference used by
+tests). Under a sharding context whose mesh splits the experts (`expert` axis > 1), the routed experts run
+expert-parallel in `jax.shard_map` (`sharding/expert_parallel.py`, same math, dropless).
 
 Every call sows two `nnx.Intermediate` statistics for the train step: `expert_load` (float32 [E], the global
 number of (token, expert) assignments per routed expert) and `balance_loss` (float32 scalar, DeepSeek-V3's
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from openr1_jax.models.config import MLPConfig, MoEConfig
+from openr1_jax.models.kernels import grouped_matmul
 from openr1_jax.models.layers import MLP, Dtype, RouterBias, param
 from openr1_jax.sharding.context import current
 from openr1_jax.sharding.expert_parallel import expert_axis, expert_parallel_ffn
@@ -98,10 +100,18 @@ class RoutedExperts(nnx.Module):
         if self.cfg.impl == "dense":
             return self.dense(x_TxD, gates_TxK, experts_TxK)
         ctx = current()
-        if ctx is not None and expert_axis(*ctx, self.cfg.num_experts) is not None:
+        kernel = self.cfg.impl.startswith("pallas")  # a Mosaic kernel runs per device, inside shard_map
+        if ctx is not None and (kernel or expert_axis(*ctx, self.cfg.num_experts) is not None):
             mesh, rules = ctx
             return expert_parallel_ffn(
-                x_TxD, gates_TxK, experts_TxK, self.weights(), mesh=mesh, rules=rules, dtype=self.dtype
+                x_TxD,
+                gates_TxK,
+                experts_TxK,
+                self.weights(),
+                mesh=mesh,
+                rules=rules,
+                dtype=self.dtype,
+                impl=self.cfg.impl,
             )
         return self.ragged(x_TxD, gates_TxK, experts_TxK)
 
@@ -113,9 +123,10 @@ class RoutedExperts(nnx.Module):
         order = jnp.argsort(expert_of_pair, stable=True)
         x_sorted = x_TxD.astype(self.dtype)[order // K]
         group_sizes_E = jnp.bincount(expert_of_pair, length=self.cfg.num_experts).astype(jnp.int32)
-        h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate, group_sizes_E))
-        h = h * jax.lax.ragged_dot(x_sorted, w_up, group_sizes_E)
-        y_sorted = jax.lax.ragged_dot(h, w_down, group_sizes_E)
+        impl = self.cfg.impl
+        h = jax.nn.silu(grouped_matmul(x_sorted, w_gate, group_sizes_E, impl))
+        h = h * grouped_matmul(x_sorted, w_up, group_sizes_E, impl)
+        y_sorted = grouped_matmul(h, w_down, group_sizes_E, impl)
         y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, K, -1)
         y = jnp.einsum("TKD,TK->TD", y_TxKxD.astype(jnp.float32), gates_TxK)
         return y.astype(self.dtype)

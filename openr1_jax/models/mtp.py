@@ -47,11 +47,11 @@ class MTPModule(nnx.Module):
         self.norm = RMSNorm(D, eps, param_dtype=param_dtype)
 
     def __call__(
-        self, h_prev_BxTxD, emb_next_BxTxD, cos, sin, mask_BxTxS, token_mask_BxT=None
+        self, h_prev_BxTxD, emb_next_BxTxD, cos, sin, segment_ids_BxT, token_mask_BxT=None
     ) -> tuple[jax.Array, jax.Array]:
         """Returns h^k (fed to the next depth) and RMSNorm_k(h^k) (fed to the shared output head)."""
         joined = jnp.concatenate([self.enorm(emb_next_BxTxD), self.hnorm(h_prev_BxTxD)], axis=-1)
-        h_BxTxD = self.block(self.eh_proj(joined), cos, sin, mask_BxTxS, token_mask_BxT)
+        h_BxTxD = self.block(self.eh_proj(joined), cos, sin, segment_ids_BxT, token_mask_BxT)
         return h_BxTxD, self.norm(h_BxTxD)
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from openr1_jax.models.attention import GQAttention, causal_segment_mask
+from openr1_jax.models.attention import GQAttention
 from openr1_jax.models.config import GQAConfig, MLAConfig, MLPConfig, ModelConfig, MoEConfig
 from openr1_jax.models.kv_cache import LayerCache, init_layer_cache
 from openr1_jax.models.layers import MLP, Dtype, Embed, Linear, RMSNorm
@@ -53,16 +53,16 @@ class DecoderBlock(nnx.Module):
         self.post_attention_norm = RMSNorm(D, eps, param_dtype=param_dtype)
         self.mlp = MoE(ffn, **kw) if isinstance(ffn, MoEConfig) else MLP(ffn, **kw)
 
-    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, token_mask_BxT=None):
-        x_BxTxD = x_BxTxD + self.attn(self.input_norm(x_BxTxD), cos, sin, mask_BxTxS)
+    def __call__(self, x_BxTxD, cos, sin, segment_ids_BxT, token_mask_BxT=None):
+        x_BxTxD = x_BxTxD + self.attn(self.input_norm(x_BxTxD), cos, sin, segment_ids_BxT)
         return self._ffn(x_BxTxD, token_mask_BxT)
 
     def _ffn(self, x_BxTxD, token_mask_BxT=None):
         h_BxTxD = self.post_attention_norm(x_BxTxD)
         return x_BxTxD + (self.mlp(h_BxTxD, token_mask_BxT) if isinstance(self.mlp, MoE) else self.mlp(h_BxTxD))
 
-    def prefill(self, x_BxTxD, cos, sin, mask_BxTxS, cache: LayerCache, token_mask_BxT=None):
-        attn_BxTxD, cache = self.attn.prefill(self.input_norm(x_BxTxD), cos, sin, mask_BxTxS, cache)
+    def prefill(self, x_BxTxD, cos, sin, segment_ids_BxT, cache: LayerCache, token_mask_BxT=None):
+        attn_BxTxD, cache = self.attn.prefill(self.input_norm(x_BxTxD), cos, sin, segment_ids_BxT, cache)
         return self._ffn(x_BxTxD + attn_BxTxD, token_mask_BxT), cache
 
     def decode(self, x_BxTxD, cos, sin, cache: LayerCache, start_B):
@@ -141,12 +141,11 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = segment_positions(segment_ids)
         cos, sin = rope_cos_sin(positions, self.rope)
-        mask_BxTxS = causal_segment_mask(segment_ids)
 
         run_block = self._remat(lambda block, x, *rest: constrain(block(x, *rest), RESIDUAL))
         x_BxTxD = constrain(self.embed(input_ids), RESIDUAL)
         for layer in self.layers:
-            x_BxTxD = run_block(layer, x_BxTxD, cos, sin, mask_BxTxS, token_mask)
+            x_BxTxD = run_block(layer, x_BxTxD, cos, sin, segment_ids, token_mask)
         h_BxTxD = constrain(self.norm(x_BxTxD), RESIDUAL)
 
         mtp_logits = []
@@ -155,7 +154,7 @@ class CausalLM(nnx.Module):
             h_prev = h_BxTxD
             for k, module in enumerate(self.mtp, start=1):
                 emb_BxTxD = constrain(self.embed(shift_left(input_ids, k)), RESIDUAL)
-                h_prev, normed = run_mtp(module, h_prev, emb_BxTxD, cos, sin, mask_BxTxS, token_mask)
+                h_prev, normed = run_mtp(module, h_prev, emb_BxTxD, cos, sin, segment_ids, token_mask)
                 h_prev = constrain(h_prev, RESIDUAL)
                 mtp_logits.append(self.head(normed))
         return CausalLMOutput(logits=self.head(h_BxTxD), mtp_logits=tuple(mtp_logits), hidden_states=h_BxTxD)
@@ -178,11 +177,11 @@ class CausalLM(nnx.Module):
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         real_BxT = positions_BxT < lengths_B[:, None]
         cos, sin = rope_cos_sin(positions_BxT, self.rope)
-        mask_BxTxS = causal_segment_mask(real_BxT.astype(jnp.int32))
+        segment_ids_BxT = real_BxT.astype(jnp.int32)
         x_BxTxD = constrain(self.embed(input_ids_BxT), RESIDUAL)
         new_caches = []
         for layer, cache in zip(self.layers, caches, strict=True):
-            x_BxTxD, cache = layer.prefill(x_BxTxD, cos, sin, mask_BxTxS, cache, real_BxT)
+            x_BxTxD, cache = layer.prefill(x_BxTxD, cos, sin, segment_ids_BxT, cache, real_BxT)
             new_caches.append(constrain_cache(cache))
             x_BxTxD = constrain(x_BxTxD, RESIDUAL)
         return constrain(self.norm(x_BxTxD), RESIDUAL), tuple(new_caches)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from openr1_jax.models.kernels import grouped_matmul
 from openr1_jax.sharding.rules import Rules, partition_spec
 
 
@@ -51,21 +52,23 @@ def expert_parallel_ffn(
     mesh: Mesh,
     rules: Rules,
     dtype,
+    impl: str = "ragged",
 ) -> jax.Array:
     """sum_k gate_k * SwiGLU_{expert_k}(x) for every token, experts split over the mesh (see module doc).
 
-    weights: gate/up [E, D, F] and down [E, F, D]. Equals `RoutedExperts.ragged` on one device.
+    weights: gate/up [E, D, F] and down [E, F, D]. Equals `RoutedExperts.ragged` on one device. Without an
+    expert axis (ep = 1) every device runs all experts on its own tokens: the per-device form that the Pallas
+    grouped matmul (`impl`, see `models/kernels.py`) needs, since XLA cannot partition a Mosaic kernel.
     """
     w_gate, w_up, w_down = weights
     E, D, F = w_gate.shape
     T = experts_TxK.shape[0]
     ep = expert_axis(mesh, rules, E)
-    assert ep is not None, "expert_parallel_ffn needs a mesh axis for `experts`"
     token_axes = _axes(partition_spec(("batch", None), mesh, rules, (T, D))[0])
     f_axes = tuple(a for a in _axes(partition_spec(("expert_mlp",), mesh, rules, (F,))[0]) if a != ep)
     if set(f_axes) & set(token_axes):  # an axis cannot carry both tokens and F: keep F whole
         f_axes = ()
-    gathered = ep in token_axes  # else the tokens are replicated over `ep` already
+    gathered = ep is not None and ep in token_axes  # else the tokens are replicated over `ep` already
     f_entry = f_axes or None
     tok = PartitionSpec(token_axes or None, None)
     in_specs = (
@@ -76,39 +79,42 @@ def expert_parallel_ffn(
         PartitionSpec(ep, None, f_entry),
         PartitionSpec(ep, f_entry, None),
     )
-    body = partial(_local_experts, ep=ep, f_axes=f_axes, gathered=gathered, dtype=dtype)
-    run = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=tok)
+    body = partial(_local_experts, ep=ep, f_axes=f_axes, gathered=gathered, dtype=dtype, impl=impl)
+    # pallas_call outputs carry no varying-axes annotation (and its spelling differs across jax versions), so
+    # the kernels run without the vma type check; the XLA path keeps it.
+    run = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=tok, check_vma=not impl.startswith("pallas"))
     return run(x_TxD, gates_TxK, experts_TxK, w_gate, w_up, w_down)
 
 
-def _local_experts(x_TxD, gates_TxK, experts_TxK, w_gate, w_up, w_down, *, ep, f_axes, gathered, dtype):
+def _local_experts(x_TxD, gates_TxK, experts_TxK, w_gate, w_up, w_down, *, ep, f_axes, gathered, dtype, impl):
     """One device: its E/ep experts (and F/tp slice of each) on the pairs routed to them."""
     if gathered:
         x_TxD, gates_TxK, experts_TxK = (
             jax.lax.all_gather(a, ep, axis=0, tiled=True) for a in (x_TxD, gates_TxK, experts_TxK)
         )
-    else:
+    elif ep is not None and not impl.startswith("pallas"):
         # Replicated tokens: mark them device-varying explicitly (transpose: psum of the per-device partial
         # gradients). Left implicit, the gather-by-local-order below got wrong input gradients (jax 0.10.2).
+        # (The kernels' shard_map runs without the vma check, whose transpose psums replicated inputs itself.)
         x_TxD, gates_TxK = (jax.lax.pcast(a, ep, to="varying") for a in (x_TxD, gates_TxK))
     T, K = experts_TxK.shape
     E_local = w_gate.shape[0]
-    local_TxK = experts_TxK - jax.lax.axis_index(ep) * E_local
+    local_TxK = experts_TxK - (0 if ep is None else jax.lax.axis_index(ep) * E_local)
     mine_TxK = (local_TxK >= 0) & (local_TxK < E_local)
     # Other devices' pairs get group id E_local: sorted after every local group, they fall outside them all.
     group_of_pair = jnp.where(mine_TxK, local_TxK, E_local).reshape(-1)
     order = jnp.argsort(group_of_pair, stable=True)
     group_sizes = jnp.bincount(group_of_pair, length=E_local + 1)[:E_local].astype(jnp.int32)
     x_sorted = x_TxD.astype(dtype)[order // K]
-    h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate, group_sizes))
-    h = h * jax.lax.ragged_dot(x_sorted, w_up, group_sizes)
-    y_sorted = jax.lax.ragged_dot(h, w_down, group_sizes)
+    h = jax.nn.silu(grouped_matmul(x_sorted, w_gate, group_sizes, impl))
+    h = h * grouped_matmul(x_sorted, w_up, group_sizes, impl)
+    y_sorted = grouped_matmul(h, w_down, group_sizes, impl)
     y_sorted = jnp.where((group_of_pair[order] < E_local)[:, None], y_sorted, 0)
     y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, K, -1)
     y_TxD = jnp.einsum("TKD,TK->TD", y_TxKxD.astype(jnp.float32), jnp.where(mine_TxK, gates_TxK, 0.0))
     if gathered:
         y_TxD = jax.lax.psum_scatter(y_TxD, ep, scatter_dimension=0, tiled=True)
-    else:
+    elif ep is not None:
         y_TxD = jax.lax.psum(y_TxD, ep)
     if f_axes:
         y_TxD = jax.lax.psum(y_TxD, f_axes)
