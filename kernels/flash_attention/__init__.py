@@ -68,6 +68,8 @@ def flash_attention(
     if implementation == "tpu" or (implementation == "auto" and interpret):
         return tpu(*args)
     gpu_kernel = _gpu_kernel(required=implementation == "gpu")
+    if implementation == "auto" and (q_BxTxNxH.shape[3] % 16 or v_BxTxMxO.shape[3] % 16):
+        gpu_kernel = None  # the GPU kernel tiles head dims in multiples of 16; XLA takes other (tiny) heads
     gpu = reference if gpu_kernel is None else functools.partial(_gpu, gpu_kernel, interpret=interpret, **kw)
     if implementation == "gpu":
         return gpu(*args)
