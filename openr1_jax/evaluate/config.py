@@ -8,7 +8,7 @@ Defaults follow Open-R1's evaluation (lighteval on vLLM): the chat template on, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from openr1_jax.errors import UserError
 from openr1_jax.evaluate.benchmarks import DEFAULT_TEMPLATES, BenchmarkConfig, check_template
@@ -28,6 +28,10 @@ class ModelSection:
         default=None, metadata={"help": "tokenizer folder or 'embedded'; null = the one saved with the model"}
     )
     dtype: Literal["float32", "bfloat16"] = field(default="bfloat16", metadata={"help": "compute dtype"})
+    model_overrides: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "ModelConfig fields to change, e.g. {attention_impl: pallas} for the decode kernels"},
+    )
     max_seq_len: int | None = field(
         default=None,
         metadata={"help": "prompt + completion tokens at most (null = the model's context length)"},

@@ -115,6 +115,7 @@ def _load_engine(cfg: EvaluateConfig):
         str(Path(cfg.model.name_or_path).expanduser()),
         tokenizer=cfg.model.tokenizer,
         dtype=cfg.model.dtype,
+        model_overrides=cfg.model.model_overrides,
         max_batch_size=cfg.batch_size,
         max_seq_len=cfg.model.max_seq_len,
     )

@@ -62,6 +62,7 @@ class EngineBackend:
             os.path.expanduser(ec.model),
             tokenizer=ec.tokenizer,
             dtype=ec.dtype,
+            model_overrides=ec.model_overrides,
             max_batch_size=ec.max_batch_size,
             max_seq_len=ec.max_seq_len,
         )

@@ -11,7 +11,7 @@ in-process instead of calling a server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from openr1_jax.errors import UserError
 from openr1_jax.models.presets import config_dir
@@ -87,6 +87,10 @@ class EngineSection:
     )
     dtype: Literal["float32", "bfloat16"] = field(default="bfloat16", metadata={"help": "compute dtype"})
     max_batch_size: int = field(default=32, metadata={"help": "sequences decoded together"})
+    model_overrides: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "ModelConfig fields to change, e.g. {attention_impl: pallas} for the decode kernels"},
+    )
     max_seq_len: int | None = field(
         default=None, metadata={"help": "prompt + completion tokens at most (null = the model's context length)"}
     )

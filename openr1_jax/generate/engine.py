@@ -262,12 +262,16 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, tokenizer=None, dtype: str = "float32", mesh=None, **kwargs):
-        """A Hugging Face folder or an openr1-jax checkpoint; the tokenizer from the same folder by default."""
+    def from_pretrained(
+        cls, path: str | Path, *, tokenizer=None, dtype: str = "float32", mesh=None, model_overrides=None, **kwargs
+    ):
+        """A Hugging Face folder or an openr1-jax checkpoint; the tokenizer from the same folder by default.
+        `model_overrides`: ModelConfig fields that leave the parameters alone (e.g. attention_impl="pallas")."""
         from openr1_jax.models.load import load_model
 
         tok = load_tokenizer_for(path, tokenizer)
-        return cls(load_model(path, dtype=dtype, mesh=mesh), tok, mesh=mesh, **kwargs)
+        model = load_model(path, dtype=dtype, mesh=mesh, **(model_overrides or {}))
+        return cls(model, tok, mesh=mesh, **kwargs)
 
     def set_params(self, params, buffers=None) -> None:
         """Swap in new parameter arrays (same structure and shardings), e.g. after an optimizer step."""

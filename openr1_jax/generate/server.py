@@ -95,6 +95,7 @@ def serve(cfg: ServeConfig) -> None:
             str(path),
             tokenizer=cfg.tokenizer,
             dtype=cfg.dtype,
+            model_overrides=cfg.model_overrides,
             max_batch_size=cfg.max_batch_size,
             max_seq_len=cfg.max_seq_len,
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from openr1_jax.errors import UserError
 from openr1_jax.models.presets import config_dir
@@ -24,6 +24,10 @@ class ServeConfig:
         metadata={"help": "tokenizer folder; null = the one saved with the model, 'embedded' = the bundled one"},
     )
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "compute dtype"})
+    model_overrides: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "ModelConfig fields to change, e.g. {attention_impl: pallas} for the decode kernels"},
+    )
     served_model_name: str | None = field(
         default=None,
         metadata={"help": "the model name clients send and /v1/models lists (default: `model`)"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from openr1_jax.errors import UserError
+from openr1_jax.models.config import ModelConfig
 from openr1_jax.models.params import abstract_model, assign, flat_variables, logical_axes
 from openr1_jax.models.transformer import CausalLM
 
@@ -36,6 +38,9 @@ def load_model(
     param_dtype = param_dtype or dtype
     if not path.exists():
         raise UserError(f"model path {path} does not exist")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise UserError(f"model override(s) {unknown} are not model config fields")
 
     def shardings(model) -> dict[str, jax.sharding.Sharding | None]:
         return {

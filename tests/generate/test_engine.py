@@ -203,6 +203,15 @@ def test_from_pretrained_reads_checkpoint_and_tokenizer(checkpoint_dir, mla_mode
     assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
     with pytest.raises(UserError, match="no tokenizer found"):
         Engine.from_pretrained(checkpoint_dir, tokenizer=str(checkpoint_dir / "params"))
+    # The decode kernels are a load-time switch; same tokens (the MLA latent decode kernel, interpreted on CPU).
+    kernels = Engine.from_pretrained(
+        checkpoint_dir, max_batch_size=4, model_overrides={"attention_impl": "pallas_interpret"}
+    )
+    assert kernels.config.attention_impl == "pallas_interpret"
+    got = kernels.generate(["12+34="], SamplingParams(temperature=0, max_new_tokens=6))
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    with pytest.raises(UserError, match=r"\['attention_kernel'\] are not model config fields"):
+        Engine.from_pretrained(checkpoint_dir, model_overrides={"attention_kernel": "pallas"})
 
 
 def test_decode_is_one_compiled_loop(mla_model, tokenizer):
