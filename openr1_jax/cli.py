@@ -49,6 +49,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name, (what, _, _, default) in JOBS.items():
         _add_run_command(commands, name, what, default, with_options=asks_help and argv[:1] == [name])
 
+    plan = commands.add_parser(
+        "plan",
+        help="will an SFT job fit on a TPU slice, and how fast: its step compiled ahead of time here (needs libtpu)",
+        formatter_class=fmt,
+    )
+    plan.add_argument("config", nargs="?", default="default", help="SFT YAML file or recipe name")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the SFT config")
+    plan.add_argument("--topology", required=True, help="TPU slice: v5p-512 (TensorCores), v5e-8, v6e-256 (chips)")
+    plan.add_argument("--mesh", default=None, help="mesh axes, e.g. fsdp=64,tensor=4 (default: the config's mesh)")
+    plan.add_argument("--search", action="store_true", help="try the mesh layouts that divide the slice, rank them")
+
     demo = commands.add_parser(
         "demo",
         help="the embedded default: base -> SFT -> GRPO (R1) and base -> GRPO (R1-Zero) on the bundled task",
@@ -154,6 +165,13 @@ def run(args: argparse.Namespace) -> None:
         config, overrides = _config_and_overrides(args)
         cfg = _job(args.command)[1](config, overrides)
         _run_job(args.command, cfg)
+    elif args.command == "plan":
+        from openr1_jax.plan import run_plan
+
+        config, overrides = args.config, list(args.overrides)
+        if config is not None and "=" in config:  # `plan a=1`: overrides only
+            config, overrides = "default", [config, *overrides]
+        print(run_plan(config, overrides, args.topology, args.mesh, args.search))
     elif args.command == "demo":
         from openr1_jax.demo import run_demo
 

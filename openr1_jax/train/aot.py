@@ -9,6 +9,7 @@ step needs per device and how many FLOPs and bytes it moves.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -29,17 +30,45 @@ BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
 
 @dataclass(frozen=True)
+class StateBytes:
+    """Bytes per device of what the train state holds, from its shardings (no compile needed)."""
+
+    params: int
+    optimizer: int
+    gradients: int  # the step accumulates gradients in float32, shaped and sharded like the parameters
+
+
+@dataclass(frozen=True)
 class CompiledStep:
     compiled: jax.stages.Compiled
     memory: dict[str, int]  # bytes per device: arguments, outputs, temporaries, generated code, aliased
     flops: float  # per device, from the compiler's cost analysis
     bytes_accessed: float  # per device
+    state: StateBytes
 
     @property
     def peak_bytes(self) -> int:
         """Live bytes per device during the step: arguments + outputs + temporaries - donated (aliased)."""
         m = self.memory
         return m["argument"] + m["output"] + m["temp"] - m["alias"]
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, for uneven splits)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def state_bytes(state) -> StateBytes:
+    grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding), state.params)
+    return StateBytes(per_device_bytes(state.params), per_device_bytes(state.opt_state), per_device_bytes(grads))
+
+
+class StepTooLarge(Exception):
+    """The compiler ran out of device memory; `state` says what the train state alone needs per device."""
+
+    def __init__(self, message: str, state: StateBytes):
+        super().__init__(message)
+        self.state = state
 
 
 def compile_sft_step(
@@ -75,7 +104,13 @@ def compile_sft_step(
             shardings,
             {k: batch_sharding for k in BATCH_KEYS},
         )
-        compiled = train_step.lower(state, batch).compile()
+        lowered = train_step.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise StepTooLarge(str(e).splitlines()[0], state_bytes(state)) from None
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older jax returns one dict per device program
@@ -86,4 +121,5 @@ def compile_sft_step(
         "generated_code": mem.generated_code_size_in_bytes,
         "alias": mem.alias_size_in_bytes,
     }
-    return CompiledStep(compiled, memory, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
+    flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    return CompiledStep(compiled, memory, flops, nbytes, state_bytes(state))

@@ -32,16 +32,6 @@ needs_libtpu = pytest.mark.skipif(
 
 
 @pytest.fixture
-def no_persistent_cache():
-    """TPU executables compiled without a TPU client cannot be read back from jax's persistent cache (it warns
-    on every hit): keep them out of it."""
-    before = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    yield
-    jax.config.update("jax_enable_compilation_cache", before)
-
-
-@pytest.fixture
 def tpu_device(no_persistent_cache):
     """name -> a one-device NamedSharding on that TPU generation (replicated spec)."""
 
