@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# tpu/launch.py stop: see `stop.sh --help`; every option, --dry-run included, passes through.
+set -euo pipefail
+exec python3 "$(dirname "$0")/launch.py" stop "$@"
