@@ -24,3 +24,11 @@ def no_persistent_cache():
     jax.config.update("jax_enable_compilation_cache", False)
     yield
     jax.config.update("jax_enable_compilation_cache", before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that compile for TPU ahead of time (they use `no_persistent_cache`) load libtpu into this process;
+    they run last, so no CPU compile follows libtpu in the same process (two CI runs crashed inside XLA:CPU's
+    compile and cache-read code after TPU compiles had run earlier in the session)."""
+    tpu = [item for item in items if "no_persistent_cache" in getattr(item, "fixturenames", ())]
+    items[:] = [item for item in items if item not in tpu] + tpu
