@@ -64,6 +64,16 @@ def test_too_big_names_the_largest_consumer(no_persistent_cache):
         check_fits(plan)
 
 
+def test_cli_reports_and_takes_overrides_after_options(no_persistent_cache):
+    proc = subprocess.run(
+        [sys.executable, "-m", "openr1_jax.cli", "plan", "default", "--topology", "v5e-8", *BF16],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("v5e-8: 8 chips of v5e") and "tokens/s/chip (roofline)" in proc.stdout
+
+
 def test_cli_bad_topology_is_one_sentence():
     proc = subprocess.run(
         [sys.executable, "-m", "openr1_jax.cli", "plan", "--topology", "v9-8"], capture_output=True, text=True
