@@ -1,4 +1,4 @@
-"""Test session set-up: CPU only, 8 simulated devices, float32 matmuls at full precision, a compile cache."""
+"""Test session set-up: CPU only, 8 simulated devices, float32 matmuls at full precision."""
 
 import os
 
@@ -12,14 +12,15 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/openr1_jax_test_jit"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+# No persistent compilation cache: three fresh-clone runs crashed inside it (an abort writing an entry, a segfault
+# reading one) late in the session, after hundreds of compiles; each process keeps jax's in-memory cache.
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 @pytest.fixture
 def no_persistent_cache():
-    """TPU executables compiled without a TPU client cannot be read back from jax's persistent cache (it warns
-    on every hit): keep them out of it."""
+    """Marks a test that compiles for TPU ahead of time (it runs last, see below) and keeps its executables out of
+    jax's persistent cache, which cannot read back TPU executables compiled without a TPU client."""
     before = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     yield

@@ -41,12 +41,24 @@ def leftover_sandbox_processes() -> list[int]:
     return found
 
 
+def _describe(pids) -> list[str]:
+    """pid: command line, for a failure message that says which program outlived its run."""
+    out = []
+    for pid in sorted(pids):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            out.append(f"{pid}: {cmdline[:120]}")
+        except OSError:
+            out.append(f"{pid}: (gone)")
+    return out
+
+
 def assert_no_leftovers(within_s: float = 15.0) -> None:
     """The kernel tears a PID namespace down asynchronously after its pid 1 dies: allow it a moment."""
     deadline = time.monotonic() + within_s
     while (left := leftover_sandbox_processes()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not left, f"sandboxed processes outlived their run: {left}"
+    assert not left, f"sandboxed processes outlived their run: {_describe(left)}"
 
 
 def assert_host_fine() -> None:
@@ -296,17 +308,23 @@ def test_sandboxes_die_with_the_process_that_started_them():
         "from openr1_jax.rl.sandbox import SandboxConfig, run_program\n"
         "run_program('import time\\ntime.sleep(1000)', '', SandboxConfig(timeout_s=1000))"
     )
+    before = set(leftover_sandbox_processes())  # only this test's sandbox counts, not another test's stragglers
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         # Generous: on a loaded 2-core CI machine importing JAX and probing the isolation can take long.
         deadline = time.monotonic() + 180
-        while not leftover_sandbox_processes() and parent.poll() is None and time.monotonic() < deadline:
+        while not (set(leftover_sandbox_processes()) - before) and parent.poll() is None:
+            assert time.monotonic() < deadline, "the sandboxed program never started"
             time.sleep(0.05)
-        assert leftover_sandbox_processes(), f"the sandboxed program never started: {parent.poll()=}"
+        started = set(leftover_sandbox_processes()) - before
+        assert started, f"the parent exited ({parent.returncode}) before its sandbox started: {parent.stderr.read()}"
     finally:  # a parent left running would start its sandbox late and fail the tests after this one
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-    assert_no_leftovers()
+    deadline = time.monotonic() + 15
+    while (alive := started & set(leftover_sandbox_processes())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive, f"sandboxed processes outlived the parent: {_describe(alive)}"
 
 
 def test_parallel_runs_from_threads_do_not_interfere():
