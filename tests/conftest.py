@@ -1,5 +1,6 @@
-"""Test session set-up: CPU only, 8 simulated devices, float32 matmuls at full precision."""
+"""Test session set-up: CPU only, 8 simulated devices, float32 matmuls at full precision, a compile cache."""
 
+import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,9 +13,18 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# No persistent compilation cache: three fresh-clone runs crashed inside it (an abort writing an entry, a segfault
-# reading one) late in the session, after hundreds of compiles; each process keeps jax's in-memory cache.
-jax.config.update("jax_enable_compilation_cache", False)
+jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/openr1_jax_test_jit"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def free_compiled_programs():
+    """Every compiled XLA:CPU program keeps its machine code mapped; hundreds of them in one test process pass
+    Linux's vm.max_map_count (65530) and the next compile crashes (seen in CI at ~80% of the suite). Dropping jax's
+    caches after each module unmaps them; the persistent cache above makes a recompile cheap."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
