@@ -7,8 +7,6 @@ proves the kernels pass the Triton lowering (power-of-two tiles, the ops used) a
 
 from __future__ import annotations
 
-from unittest import mock
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +15,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from openr1_jax_kernels.flash_attention.gpu import BlockSizes, flash_attention_gpu
 from openr1_jax_kernels.flash_attention.reference import flash_attention_reference
+
+from tests.kernels.triton_checks import lower_for_cuda, rel_err
 
 INTERPRET = jax.default_backend() != "gpu"
 # ||kernel - reference|| / ||reference||: float32 runs IEEE products; bf16 rounds p and ds to bf16 before the dots.
@@ -32,27 +32,6 @@ def _segments(rng, layout, B, T):
         real = rng.integers(T // 2, T, B)
         return (np.arange(T)[None, :] < real[:, None]).astype(np.int32)
     return rng.integers(0, 3, (B, T)).astype(np.int32)  # scattered: segments need not be contiguous
-
-
-def _rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
-
-
-def _lower_for_cuda(fn, *specs) -> str:
-    """fn lowered for CUDA (no GPU needed), each Triton module run through the MLIR verifier as XLA will on a GPU
-    (the lowering alone accepts modules that XLA then refuses to parse)."""
-    from jax._src.pallas.triton import lowering  # internal: the only hook between lowering and serialisation
-
-    lower = lowering.lower_jaxpr_to_triton_module
-
-    def verified(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        result.module.operation.verify()  # raises with the failing op
-        return result
-
-    with mock.patch.object(lowering, "lower_jaxpr_to_triton_module", verified):
-        return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
 # Explicit cases first, so coverage does not depend on the draw: a split head dim (48 = 32 + 16) with GQA, padded
@@ -109,7 +88,7 @@ def test_matches_reference(B, T, M, G, HO, causal, layout, dtype, blocks):
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
         assert x.shape == ref.shape and x.dtype == dtype, name
         assert np.all(np.isfinite(np.asarray(x, np.float32))), name
-        err = _rel_err(x, ref)
+        err = rel_err(x, ref)
         assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
 
 
@@ -125,7 +104,7 @@ def test_lowers_to_triton_for_cuda(H, O, N, M, with_segments):
         out, vjp = jax.vjp(lambda q, k, v: flash_attention_gpu(q, k, v, seg, scale=0.1, causal=True), q, k, v)
         return out, *vjp(do)
 
-    text = _lower_for_cuda(train, *specs, seg)
+    text = lower_for_cuda(train, *specs, seg)
     assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dq, dk/dv
 
 

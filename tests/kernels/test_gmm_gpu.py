@@ -6,8 +6,6 @@ On CPU the kernels run in the Pallas interpreter; on a CUDA machine the same tes
 
 from __future__ import annotations
 
-from unittest import mock
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openr1_jax_kernels.gmm.gpu import GmmTiling, TgmmTiling, gmm_gpu, tgmm_gpu
 from openr1_jax_kernels.gmm.reference import gmm_reference, tgmm_reference
+
+from tests.kernels.triton_checks import lower_for_cuda, rel_err
 
 INTERPRET = jax.default_backend() != "gpu"
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # relative to ||reference||
@@ -33,32 +33,11 @@ def group_sizes(draw, M):
     return np.asarray(sizes, np.int32)
 
 
-def _rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
-
-
 def _check(got, want, dtype):
     for name, x, ref in zip(("out", "dlhs", "drhs"), got, want):
         assert x.shape == ref.shape, name
-        err = _rel_err(x, ref)  # an all-zero reference (no rows owned) needs an all-zero result
+        err = rel_err(x, ref)  # an all-zero reference (no rows owned) needs an all-zero result
         assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
-
-
-def _lower_for_cuda(fn, *specs) -> str:
-    """fn lowered for CUDA (no GPU needed), each Triton module run through the MLIR verifier as XLA will on a GPU
-    (the lowering alone accepts modules that XLA then refuses to parse)."""
-    from jax._src.pallas.triton import lowering  # internal: the only hook between lowering and serialisation
-
-    lower = lowering.lower_jaxpr_to_triton_module
-
-    def verified(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        result.module.operation.verify()  # raises with the failing op
-        return result
-
-    with mock.patch.object(lowering, "lower_jaxpr_to_triton_module", verified):
-        return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -111,12 +90,12 @@ def test_tgmm_and_preferred_element_type():
         want = tgmm_reference(lhs.astype(jnp.float32), dout.astype(jnp.float32), gs, num_groups=len(sizes))
     assert got.dtype == jnp.float32 and got.shape == (len(sizes), K, N)
     assert not np.any(np.asarray(got)[[0, 2, 5]])
-    assert _rel_err(got, want) < 1e-5
+    assert rel_err(got, want) < 1e-5
     rhs = jnp.asarray(rng.standard_normal((len(sizes), K, N)), jnp.bfloat16)
     out = gmm_gpu(lhs, rhs, gs, preferred_element_type=jnp.float32, interpret=INTERPRET)
     with jax.default_matmul_precision("highest"):
         want = gmm_reference(lhs.astype(jnp.float32), rhs.astype(jnp.float32), gs)
-    assert out.dtype == jnp.float32 and _rel_err(out, want) < 1e-5
+    assert out.dtype == jnp.float32 and rel_err(out, want) < 1e-5
 
 
 def test_lowers_to_triton_for_cuda():
@@ -131,7 +110,7 @@ def test_lowers_to_triton_for_cuda():
         out, vjp = jax.vjp(lambda x, w: gmm_gpu(x, w, gs), lhs, rhs)
         return out, *vjp(dout)
 
-    text = _lower_for_cuda(train, *specs)
+    text = lower_for_cuda(train, *specs)
     assert text.count("__gpu$xla.gpu.triton") == 3  # gmm, gmm on rhs transposed (dlhs), tgmm (drhs)
 
 
