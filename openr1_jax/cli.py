@@ -51,14 +51,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     plan = commands.add_parser(
         "plan",
-        help="will an SFT job fit on a TPU slice, and how fast: its step compiled ahead of time here (needs libtpu)",
+        help="will an SFT or GRPO job fit on a TPU slice, and how fast: its programs compiled ahead of time here "
+        "(needs libtpu)",
         formatter_class=fmt,
     )
-    plan.add_argument("config", nargs="?", default="default", help="SFT YAML file or recipe name")
-    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the SFT config")
-    plan.add_argument("--topology", required=True, help="TPU slice: v5p-512 (TensorCores), v5e-8, v6e-256 (chips)")
+    plan.add_argument(
+        "config", nargs="?", default="default", help="plan preset (configs/plan), or the recipe's YAML file or name"
+    )
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the recipe config")
+    plan.add_argument("--recipe", choices=("sft", "grpo"), default="sft", help="the job CONFIG configures")
+    plan.add_argument("--topology", default=None, help="TPU slice: v5p-512 (TensorCores), v5e-8, v6e-256 (chips)")
     plan.add_argument("--mesh", default=None, help="mesh axes, e.g. fsdp=64,tensor=4 (default: the config's mesh)")
     plan.add_argument("--search", action="store_true", help="try the mesh layouts that divide the slice, rank them")
+    plan.add_argument(
+        "--depth",
+        choices=("auto", "full", "sampled"),
+        default="auto",
+        help="compile every layer (full), or two shallow depths and extrapolate (sampled; auto: when > 8 layers)",
+    )
+    plan.add_argument("--presets", action="store_true", help="plan every preset and print a Markdown table")
 
     demo = commands.add_parser(
         "demo",
@@ -168,10 +179,15 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "plan":
         from openr1_jax.plan import run_plan
 
+        if args.presets:
+            from openr1_jax.plan import run_presets
+
+            print(run_presets(depth=args.depth))
+            return
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config:  # `plan a=1`: overrides only
             config, overrides = "default", [config, *overrides]
-        print(run_plan(config, overrides, args.topology, args.mesh, args.search))
+        run_plan(config, overrides, args.topology, args.mesh, args.search, args.recipe, args.depth)
     elif args.command == "demo":
         from openr1_jax.demo import run_demo
 

@@ -1,5 +1,6 @@
-"""`openr1-jax plan`: the embedded default's SFT step compiled for a TPU v5e-8 slice on this CPU machine, the
-per-chip memory breakdown, the roofline estimate, the does-not-fit sentence and bad topologies."""
+"""`openr1-jax plan`: SFT and GRPO programs compiled for TPU slices on this CPU machine, the per-chip memory
+breakdown, the roofline estimate, depth extrapolation against full-depth compiles, the does-not-fit sentence,
+presets and bad input. The presets of big models take minutes each: `pytest -m presets` runs them all."""
 
 from __future__ import annotations
 
@@ -10,12 +11,23 @@ import jax
 import pytest
 
 from openr1_jax.errors import UserError
-from openr1_jax.plan import check_fits, parse_topology, plan_sft, search_sft
+from openr1_jax.plan import (
+    check_fits,
+    load_preset,
+    parse_topology,
+    plan_preset,
+    plan_sft,
+    preset_names,
+    run_plan,
+    search,
+)
+from openr1_jax.rl.config import load_grpo_config
 from openr1_jax.train.config import load_sft_config
 from tests.kernels.conftest import needs_libtpu
 
 pytestmark = needs_libtpu
 BF16 = ["model.dtype=bfloat16", "batch_size=16"]
+TINY = ["model.name_or_path=tiny-moe", "model.dtype=bfloat16", "batch_size=8", "data.seq_len=64"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,17 +51,60 @@ def test_topology_names():
 def test_plan_of_the_embedded_default_on_v5e_8(no_persistent_cache):
     cfg = load_sft_config("default", BF16)
     plan = plan_sft(cfg, "v5e-8")
-    assert plan.mesh["fsdp"] == 8 and plan.fits and plan.error is None
+    (step,) = plan.programs
+    assert plan.mesh["fsdp"] == 8 and plan.fits and plan.error is None and plan.depth.sampled is None
     # fsdp splits parameters and Adam's two moments over the 8 chips (small 1-D leaves stay whole).
-    assert 0 < plan.params < 8 * 2**20 and 1.5 < plan.optimizer / plan.params < 2.5
-    assert plan.gradients >= plan.params  # float32 accumulators
-    assert plan.params + plan.optimizer <= plan.total <= plan.topology.chip.hbm_bytes
-    assert plan.compiled_flops >= plan.model_flops > 0
+    s = step.state
+    assert 0 < s.params < 8 * 2**20 and 1.5 < s.optimizer / s.params < 2.5
+    assert s.gradients >= s.params  # float32 accumulators
+    assert s.params + s.optimizer <= step.total <= plan.topology.chip.hbm_bytes
+    assert step.compiled_flops >= step.model_flops > 0
     assert plan.step_seconds > 0 and 0 < plan.mfu <= 1 and plan.tokens_per_sec_per_chip > 0
 
 
+def test_gradient_accumulation_counts_every_micro_batch(no_persistent_cache):
+    """XLA's cost analysis counts the accumulation loop's body once; the plan counts it per micro-batch."""
+    one = plan_sft(load_sft_config("default", TINY), "v5e-4").programs[0]
+    two = plan_sft(load_sft_config("default", [*TINY, "training.gradient_accumulation_steps=2"]), "v5e-4").programs[0]
+    assert two.compiled_flops == pytest.approx(one.compiled_flops, rel=0.05)
+
+
+def test_grpo_plan_has_train_rollout_and_reference_programs(no_persistent_cache):
+    """The one preset compiled in CI: the embedded GRPO default with a KL term on a v5e-8."""
+    plan = plan_preset("embedded-grpo-v5e-8")
+    cfg = load_grpo_config("default", load_preset("embedded-grpo-v5e-8").overrides)
+    train, decode, reference = plan.programs
+    assert [p.name for p in plan.programs] == ["train step", "rollout decode step", "reference log-probs"]
+    assert plan.fits and plan.step_seconds > 0 and 0 < plan.mfu <= 1
+    T = cfg.max_prompt_length + cfg.max_completion_length
+    assert train.tokens == cfg.batch_size * T and plan.calls_per_step[0] == 1
+    # 64 completions decoded in one wave of 64 slots, 36 tokens each, one generation per optimizer step
+    assert decode.tokens == 64 and plan.calls_per_step[1] == cfg.max_completion_length
+    assert decode.state.kv_cache > 0 and decode.state.gradients == 0
+    # co-located sampling: the optimizer state and the frozen reference stay in HBM while the engine decodes
+    assert decode.state.optimizer == train.state.optimizer and decode.state.reference == train.state.params
+    assert decode.total >= decode.state.optimizer + decode.state.reference + decode.state.params
+    # a decode step is one token per slot: far fewer FLOPs than a train step over whole rows
+    assert decode.compiled_flops < train.compiled_flops / 10
+    assert reference.tokens == cfg.generation_batch_size * T
+    assert plan.generated_tokens_per_step == cfg.generation_batch_size * cfg.max_completion_length
+
+
+def test_sampled_depth_matches_the_full_compile(no_persistent_cache):
+    """Compiling at 3 and 4 layers and extrapolating linearly gives what compiling all 6 layers gives."""
+    cfg = load_sft_config("default", [*TINY, "model.overrides.num_hidden_layers=6"])
+    full = plan_sft(cfg, "v5e-4", depth="full")
+    sampled = plan_sft(cfg, "v5e-4", depth="sampled")
+    assert full.depth.sampled is None and sampled.depth.sampled == (3, 4)
+    f, s = full.programs[0], sampled.programs[0]
+    assert s.state == f.state  # resident state is exact either way
+    assert s.compiled_flops == pytest.approx(f.compiled_flops, rel=0.02)
+    assert s.compiled_bytes == pytest.approx(f.compiled_bytes, rel=0.05)
+    assert s.total == pytest.approx(f.total, rel=0.10)
+
+
 def test_search_ranks_layouts_that_divide_the_slice(no_persistent_cache):
-    plans = search_sft(load_sft_config("default", BF16), "v5e-8", limit=2)
+    plans = search("sft", load_sft_config("default", TINY), "v5e-8", limit=2)
     assert len(plans) == 2 and all(p.fits for p in plans)
     assert {tuple(p.mesh.values()) for p in plans} == {(1, 8, 1, 1), (1, 4, 2, 1)}  # fsdp 8; fsdp 4 x expert 2
     assert plans[0].step_seconds <= plans[1].step_seconds
@@ -60,18 +115,19 @@ def test_too_big_names_the_largest_consumer(no_persistent_cache):
     cfg = load_sft_config("default", [*BF16, "model.overrides.vocab_size=2000000", "model.overrides.hidden_size=1024"])
     plan = plan_sft(cfg, "v5e-4", mesh=None)
     assert not plan.fits
-    with pytest.raises(UserError, match=r"does not fit on v5e-4 .* the largest part being optimizer state"):
+    with pytest.raises(UserError, match=r"SFT train step does not fit on v5e-4 .* the largest part being optimizer"):
         check_fits(plan)
 
 
 def test_cli_reports_and_takes_overrides_after_options(no_persistent_cache):
     proc = subprocess.run(
-        [sys.executable, "-m", "openr1_jax.cli", "plan", "default", "--topology", "v5e-8", *BF16],
+        [sys.executable, "-m", "openr1_jax.cli", "plan", "default", "--topology", "v5e-8", *TINY],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("v5e-8: 8 chips of v5e") and "tokens/s/chip (roofline)" in proc.stdout
+    assert proc.stdout.startswith("SFT on v5e-8: 8 chips of v5e") and "tokens/s/chip (roofline)" in proc.stdout
+    assert "TPU_WORKER_HOSTNAMES" not in proc.stderr  # libtpu's no-metadata warnings are kept off the terminal
 
 
 def test_cli_bad_topology_is_one_sentence():
@@ -80,3 +136,31 @@ def test_cli_bad_topology_is_one_sentence():
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("openr1-jax: error: --topology 'v9-8'")
+
+
+def test_presets_are_valid():
+    names = preset_names()
+    assert {"deepseek-v3-671b-sft-v5p-512", "deepseek-v3-671b-sft-v6e-256", "embedded-grpo-v5e-8"} <= set(names)
+    for model in ("deepseek-v2-lite-16b", "qwen2.5-7b"):
+        for recipe in ("sft", "grpo"):
+            assert {f"{model}-{recipe}-v5e-8", f"{model}-{recipe}-v6e-8"} <= set(names)
+    for name in names:
+        preset = load_preset(name)
+        cfg = (load_grpo_config if preset.recipe == "grpo" else load_sft_config)(preset.config, preset.overrides)
+        assert cfg.model.dtype == "bfloat16", name
+    with pytest.raises(UserError, match="--topology is needed"):
+        run_plan("default", [], None)
+
+
+@pytest.mark.presets
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset(name, no_persistent_cache):
+    plan = plan_preset(name)
+    assert plan.step_seconds is None or plan.step_seconds > 0
+    assert all(p.state.params > 0 for p in plan.programs)
+    if name.startswith("qwen2.5-7b-sft"):
+        (step,) = plan.programs
+        assert plan.depth.sampled == (1, 2) and plan.depth.layers == 28
+        # 7.6B parameters in bf16 over 8 chips; Adam's two bf16 moments
+        assert step.state.params == pytest.approx(7.62e9 * 2 / 8, rel=0.02)
+        assert step.state.optimizer == pytest.approx(2 * step.state.params, rel=0.01)

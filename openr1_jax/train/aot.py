@@ -1,21 +1,27 @@
-"""Ahead-of-time compilation of the SFT train step from shapes alone: no parameters, no data, no accelerator.
+"""Ahead-of-time compilation of the training and rollout programs from shapes alone: no parameters, no data, no
+accelerator.
 
-`compile_sft_step(model_cfg, mesh, batch_size=..., seq_len=...)` lowers and compiles one sharded train step for
-the devices of `mesh`. With libtpu installed those may be the TPU devices of a topology description
-(`jax.experimental.topologies.get_topology_desc`) on a CPU-only machine: libtpu's compiler then proves the
-step (Pallas kernels included) compiles for that TPU generation, and its memory and cost analyses say what one
-step needs per device and how many FLOPs and bytes it moves.
+    compile_sft_step(model_cfg, mesh, batch_size=..., seq_len=...)        the SFT train step
+    compile_grpo_step(model_cfg, mesh, batch_size=..., seq_len=..., ...)  the GRPO train step
+    compile_logps(model_cfg, mesh, batch_size=..., seq_len=...)           the frozen reference's log-probs (beta > 0)
+    compile_decode(model_cfg, mesh, slots=..., cache_len=..., ...)        one chunk of the engine's decode loop
+
+each lower and compile one sharded program for the devices of `mesh`. With libtpu installed those may be the TPU
+devices of a topology description (`jax.experimental.topologies.get_topology_desc`) on a CPU-only machine:
+libtpu's compiler then proves the program (Pallas kernels included) compiles for that TPU generation, and its
+memory and cost analyses say what one call needs per device and how many FLOPs and bytes it moves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from openr1_jax.models.config import ModelConfig
 from openr1_jax.models.transformer import CausalLM
@@ -23,19 +29,21 @@ from openr1_jax.sharding.context import sharding_context
 from openr1_jax.sharding.init import state_shardings
 from openr1_jax.sharding.rules import DEFAULT_RULES, named_sharding
 from openr1_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-from openr1_jax.train.state import create_train_state, train_state_shardings
+from openr1_jax.train.state import TrainState, create_train_state, train_state_shardings
 from openr1_jax.train.step import StepConfig, jit_train_step, make_train_step
 
-BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
+SFT_BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
 
 @dataclass(frozen=True)
 class StateBytes:
-    """Bytes per device of what the train state holds, from its shardings (no compile needed)."""
+    """Bytes per device of what stays resident, from the shardings (no compile needed)."""
 
     params: int
     optimizer: int
-    gradients: int  # the step accumulates gradients in float32, shaped and sharded like the parameters
+    gradients: int  # the train steps accumulate gradients in float32, shaped and sharded like the parameters
+    kv_cache: int = 0  # the rollout's decode state (per-layer caches of every slot)
+    reference: int = 0  # GRPO with beta > 0: the frozen reference parameters
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,17 @@ class CompiledStep:
 
     @property
     def peak_bytes(self) -> int:
-        """Live bytes per device during the step: arguments + outputs + temporaries - donated (aliased)."""
+        """Live bytes per device during the call: arguments + outputs + temporaries - donated (aliased)."""
         m = self.memory
         return m["argument"] + m["output"] + m["temp"] - m["alias"]
+
+
+class StepTooLarge(Exception):
+    """The compiler ran out of device memory; `state` says what the resident state alone needs per device."""
+
+    def __init__(self, message: str, state: StateBytes):
+        super().__init__(message)
+        self.state = state
 
 
 def per_device_bytes(tree) -> int:
@@ -58,17 +74,77 @@ def per_device_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def state_bytes(state) -> StateBytes:
-    grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding), state.params)
-    return StateBytes(per_device_bytes(state.params), per_device_bytes(state.opt_state), per_device_bytes(grads))
+def _float32_like(params):
+    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding), params)
 
 
-class StepTooLarge(Exception):
-    """The compiler ran out of device memory; `state` says what the train state alone needs per device."""
+@dataclass(frozen=True)
+class AbstractTrainState:
+    """The sharded train state as ShapeDtypeStructs: what `jit(...).lower` needs instead of arrays."""
 
-    def __init__(self, message: str, state: StateBytes):
-        super().__init__(message)
-        self.state = state
+    graphdef: nnx.GraphDef
+    state: TrainState
+    shardings: TrainState
+
+    def bytes(self) -> StateBytes:
+        s = self.state
+        return StateBytes(
+            per_device_bytes(s.params), per_device_bytes(s.opt_state), per_device_bytes(_float32_like(s.params))
+        )
+
+
+def abstract_train_state(model_cfg: ModelConfig, mesh: Mesh, tx, dtype: str, param_dtype: str) -> AbstractTrainState:
+    """The train state of `model_cfg` laid out on `mesh` by the default rules. Call inside `sharding_context`."""
+    abstract = nnx.eval_shape(lambda: CausalLM(model_cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    graphdef, abs_params, abs_buffers = nnx.split(abstract, nnx.Param, ...)
+    params_sh, buffers_sh = state_shardings(abs_params, mesh), state_shardings(abs_buffers, mesh)
+    params, buffers = (
+        jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), s.to_pure_dict())
+        for s in (abs_params, abs_buffers)
+    )
+    shapes = jax.eval_shape(lambda p, b: create_train_state(p, b, tx, 0), params, buffers)
+    shardings = train_state_shardings(tx, shapes, params_sh, buffers_sh, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return AbstractTrainState(graphdef, state, shardings)
+
+
+def _compile(lowered: jax.stages.Lowered, state: StateBytes) -> CompiledStep:
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise StepTooLarge(str(e).splitlines()[0], state) from None
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # older jax returns one dict per device program
+    memory = {
+        "argument": mem.argument_size_in_bytes,
+        "output": mem.output_size_in_bytes,
+        "temp": mem.temp_size_in_bytes,
+        "generated_code": mem.generated_code_size_in_bytes,
+        "alias": mem.alias_size_in_bytes,
+    }
+    flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    return CompiledStep(compiled, memory, flops, nbytes, state)
+
+
+def _count_accumulation(step: CompiledStep, micro_batches: int) -> CompiledStep:
+    """XLA's cost analysis counts a loop body once: the gradient-accumulation scan runs `micro_batches` times.
+    Scale the whole step, then take back the optimizer update (outside the loop) counted too often - its traffic
+    reads parameters, gradients and optimizer state and writes parameters and optimizer state."""
+    if micro_batches == 1:
+        return step
+    s = step.state
+    update_bytes = 2 * (s.params + s.optimizer) + s.gradients
+    nbytes = micro_batches * step.bytes_accessed - (micro_batches - 1) * update_bytes
+    return dataclasses.replace(step, flops=micro_batches * step.flops, bytes_accessed=max(nbytes, step.bytes_accessed))
+
+
+def _rows(mesh: Mesh, shape: tuple[int, ...], dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+    """An input whose rows are split over the batch axes (the layout the jobs feed)."""
+    sharding = named_sharding(("batch",) + (None,) * (len(shape) - 1), mesh, DEFAULT_RULES, shape)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
 def compile_sft_step(
@@ -87,39 +163,115 @@ def compile_sft_step(
     optimizer_cfg = optimizer or OptimizerConfig()
     tx = make_optimizer(optimizer_cfg, total_steps)
     with sharding_context(mesh, DEFAULT_RULES):
-        abstract = nnx.eval_shape(lambda: CausalLM(model_cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-        graphdef, abs_params, abs_buffers = nnx.split(abstract, nnx.Param, ...)
-        params_sh, buffers_sh = state_shardings(abs_params, mesh), state_shardings(abs_buffers, mesh)
-        params, buffers = (
-            jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), s.to_pure_dict())
-            for s in (abs_params, abs_buffers)
-        )
-        abstract_state = jax.eval_shape(lambda p, b: create_train_state(p, b, tx, 0), params, buffers)
-        shardings = train_state_shardings(tx, abstract_state, params_sh, buffers_sh, mesh)
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-        batch_sharding = named_sharding(("batch", None), mesh, DEFAULT_RULES, (batch_size, seq_len))
-        batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding) for k in BATCH_KEYS}
+        train = abstract_train_state(model_cfg, mesh, tx, dtype, param_dtype)
+        batch = {k: _rows(mesh, (batch_size, seq_len)) for k in SFT_BATCH_KEYS}
         train_step = jit_train_step(
-            make_train_step(graphdef, tx, step, learning_rate_schedule(optimizer_cfg, total_steps)),
-            shardings,
-            {k: batch_sharding for k in BATCH_KEYS},
+            make_train_step(train.graphdef, tx, step, learning_rate_schedule(optimizer_cfg, total_steps)),
+            train.shardings,
+            {k: v.sharding for k, v in batch.items()},
         )
-        lowered = train_step.lower(state, batch)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            raise StepTooLarge(str(e).splitlines()[0], state_bytes(state)) from None
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost  # older jax returns one dict per device program
-    memory = {
-        "argument": mem.argument_size_in_bytes,
-        "output": mem.output_size_in_bytes,
-        "temp": mem.temp_size_in_bytes,
-        "generated_code": mem.generated_code_size_in_bytes,
-        "alias": mem.alias_size_in_bytes,
-    }
-    flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    return CompiledStep(compiled, memory, flops, nbytes, state_bytes(state))
+        compiled = _compile(train_step.lower(train.state, batch), train.bytes())
+    return _count_accumulation(compiled, step.gradient_accumulation_steps)
+
+
+def compile_grpo_step(
+    model_cfg: ModelConfig,
+    mesh: Mesh,
+    *,
+    batch_size: int,
+    seq_len: int,
+    loss,  # rl.loss.LossConfig
+    temperature: float = 1.0,
+    micro_batches: int = 1,
+    on_policy: bool = True,
+    dtype: str = "bfloat16",
+    param_dtype: str = "float32",
+    optimizer: OptimizerConfig | None = None,
+    bias_update_rate: float = 0.0,
+    total_steps: int = 1000,
+) -> CompiledStep:
+    """The GRPO train step on a [batch_size, seq_len] batch of prompt + completion rows (see rl/step.py)."""
+    from openr1_jax.rl.step import BATCH_KEYS, make_grpo_step
+
+    optimizer_cfg = optimizer or OptimizerConfig()
+    tx = make_optimizer(optimizer_cfg, total_steps)
+    with sharding_context(mesh, DEFAULT_RULES):
+        train = abstract_train_state(model_cfg, mesh, tx, dtype, param_dtype)
+        B, T = batch_size, seq_len
+        dtypes = {"input_ids": jnp.int32, "valid": jnp.int32}
+        batch = {k: _rows(mesh, (B, T), dtypes.get(k, jnp.float32)) for k in BATCH_KEYS}
+        batch["advantages"] = _rows(mesh, (B,), jnp.float32)
+        batch["num_items"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+        step_fn = make_grpo_step(
+            train.graphdef,
+            tx,
+            loss,
+            temperature=temperature,
+            micro_batches=micro_batches,
+            on_policy=on_policy,
+            schedule=learning_rate_schedule(optimizer_cfg, total_steps),
+            bias_update_rate=bias_update_rate,
+        )
+        train_step = jit_train_step(step_fn, train.shardings, {k: v.sharding for k, v in batch.items()})
+        compiled = _compile(train_step.lower(train.state, batch), train.bytes())
+    return _count_accumulation(compiled, micro_batches)
+
+
+def compile_logps(
+    model_cfg: ModelConfig,
+    mesh: Mesh,
+    *,
+    batch_size: int,
+    seq_len: int,
+    temperature: float = 1.0,
+    dtype: str = "bfloat16",
+    param_dtype: str = "float32",
+) -> CompiledStep:
+    """The frozen reference model's per-token log-probs over a generation batch (GRPO with beta > 0)."""
+    from openr1_jax.rl.step import make_logps_fn
+
+    tx = make_optimizer(OptimizerConfig(), 1)
+    with sharding_context(mesh, DEFAULT_RULES):
+        train = abstract_train_state(model_cfg, mesh, tx, dtype, param_dtype)
+        ids, valid = _rows(mesh, (batch_size, seq_len)), _rows(mesh, (batch_size, seq_len))
+        fn = jax.jit(make_logps_fn(train.graphdef, temperature))
+        lowered = fn.lower(train.state.params, train.state.buffers, ids, valid)
+        return _compile(lowered, dataclasses.replace(train.bytes(), optimizer=0, gradients=0))
+
+
+def compile_decode(
+    model_cfg: ModelConfig,
+    mesh: Mesh,
+    *,
+    slots: int,
+    cache_len: int,
+    max_new: int,
+    chunk_size: int = 32,
+    num_stop: int = 8,
+    dtype: str = "bfloat16",
+    param_dtype: str = "float32",
+) -> CompiledStep:
+    """One chunk of the generation engine's decode loop (`generate/engine.py` `_decode`) over `slots` rows with
+    caches of `cache_len` positions, the parameters in their training layout (the co-located rollout).
+    The loop is a `while_loop` whose trip count the compiler cannot know: its cost analysis counts the body
+    once, so FLOPs and bytes are per decode step (one token for every slot)."""
+    from openr1_jax.generate import engine
+
+    tx = make_optimizer(OptimizerConfig(), 1)
+    with sharding_context(mesh, DEFAULT_RULES):
+        train = abstract_train_state(model_cfg, mesh, tx, dtype, param_dtype)
+        params, buffers = train.state.params, train.state.buffers
+        sizes = dict(slots=slots, cache_len=cache_len, max_new=max_new, num_stop=num_stop)
+        # The decode state's shapes from the engine's own constructor; its rows over the batch axes, as the
+        # engine constrains them.
+        shapes = jax.eval_shape(
+            lambda p, b: engine._empty_state(train.graphdef, p, b, **sizes), _unsharded(params), _unsharded(buffers)
+        )
+        state = jax.tree.map(lambda a: _rows(mesh, a.shape, a.dtype), shapes)
+        lowered = engine._decode.lower(train.graphdef, params, buffers, state, steps=chunk_size)
+        resident = dataclasses.replace(train.bytes(), optimizer=0, gradients=0, kv_cache=per_device_bytes(state))
+        return _compile(lowered, resident)
+
+
+def _unsharded(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
