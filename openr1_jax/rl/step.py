@@ -22,7 +22,7 @@ from openr1_jax.rl.loss import LossConfig, LossNormalizer, grpo_loss, token_logp
 from openr1_jax.sharding.context import constrain
 from openr1_jax.train.loss import EXPERT_LOAD, moe_statistics
 from openr1_jax.train.state import TrainState, merge_model
-from openr1_jax.train.step import expert_load_metrics, update_router_biases
+from openr1_jax.train.step import expert_load_metrics, per_micro_batch, update_router_biases
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "valid", "mask", "old_logps", "ref_logps", "advantages")
@@ -91,7 +91,8 @@ def make_grpo_step(
         }
 
         def accumulate(grads_sum, mb):
-            (loss, aux), grads = grad_fn(state.params, state.buffers, mb, norm)
+            params, mb = per_micro_batch(state.params, mb)
+            (loss, aux), grads = grad_fn(params, state.buffers, mb, norm)
             grads_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grads_sum, grads)
             return grads_sum, (loss, aux)
 

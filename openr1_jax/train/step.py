@@ -96,7 +96,8 @@ def make_train_step(
         }
 
         def accumulate(grads_sum, micro_batch):
-            (_, aux), grads = grad_fn(state.params, state.buffers, micro_batch, counts)
+            params, micro_batch = per_micro_batch(state.params, micro_batch)
+            (_, aux), grads = grad_fn(params, state.buffers, micro_batch, counts)
             grads_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grads_sum, grads)
             return grads_sum, aux
 
@@ -158,6 +159,14 @@ def update_router_biases(buffers: dict[str, Any], loads: dict[str, jax.Array], r
         return (bias.astype(jnp.float32) + delta_E).astype(bias.dtype)
 
     return jax.tree_util.tree_map_with_path(update, buffers)
+
+
+def per_micro_batch(params, micro_batch):
+    """Tie the parameters to the micro-batch (an identity) so the parameters' uses are not loop-invariant: XLA
+    would otherwise hoist FSDP's per-layer all-gathers out of the accumulation loop and hold every layer's
+    gathered weights at once (a whole bf16 model per chip; seen in `openr1-jax plan`). Gathered per layer per
+    micro-batch, as FSDP means them to be."""
+    return jax.lax.optimization_barrier((params, micro_batch))
 
 
 def expert_load_metrics(loads: dict[str, jax.Array]) -> dict[str, jax.Array]:
