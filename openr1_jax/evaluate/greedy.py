@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from openr1_jax.data.embedded.task import is_correct
 from openr1_jax.errors import UserError
 from openr1_jax.generate.engine import eos_ids
+from openr1_jax.sharding.distributed import fetch
 
 PROMPT_BUCKET = 8  # prompt lengths round up to this, so batches of similar prompts share one compilation
 
@@ -101,7 +102,7 @@ def generate_ids(
         out, length = _decode(
             graphdef, state, jnp.asarray(tokens), jnp.asarray(prompt_len), eos_arr, max_new_tokens=max_new_tokens
         )
-        out, length = np.asarray(out), np.asarray(length)
+        out, length = fetch((out, length))  # with several processes, rows live on all of them
         out_ids += [out[b, prompt_len[b] : prompt_len[b] + length[b]].tolist() for b in range(len(chunk))]
     return out_ids
 

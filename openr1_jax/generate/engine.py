@@ -170,6 +170,19 @@ def _decode(graphdef, params, buffers, state: DecodeState, *, steps: int) -> Dec
     return state
 
 
+@jax.jit
+def _host_view(state: DecodeState) -> tuple[jax.Array, ...]:
+    """What the host reads between chunks, replicated: with several processes the rows are spread over all of
+    their devices, and each process reads (and makes the same decisions from) every row."""
+    view = (state.count_B, state.done_B, state.tokens_BxM, state.logprobs_BxM)
+    return jax.tree.map(lambda a: constrain(a, (None,) * a.ndim), view)
+
+
+@partial(jax.jit, donate_argnames=("state",))
+def _stop_rows(state: DecodeState, slots: jax.Array) -> DecodeState:
+    return dataclasses.replace(state, done_B=state.done_B.at[slots].set(True))
+
+
 @partial(jax.jit, static_argnames=("graphdef", "slots", "cache_len", "max_new", "num_stop"))
 def _empty_state(graphdef, params, buffers, *, slots: int, cache_len: int, max_new: int, num_stop: int):
     model = merge_model(graphdef, params, buffers)
@@ -380,9 +393,7 @@ class Engine:
                 for slot, row in zip(targets, batch, strict=True):
                     in_slot[slot] = row
             state = _decode(self.graphdef, self.params, self.buffers, state, steps=self.chunk_size)
-            count_B, done_B, tokens_BxM, logprobs_BxM = jax.device_get(
-                (state.count_B, state.done_B, state.tokens_BxM, state.logprobs_BxM)
-            )
+            count_B, done_B, tokens_BxM, logprobs_BxM = jax.device_get(_host_view(state))
             stopped = []
             for slot, row in enumerate(in_slot):
                 if row is None:
@@ -398,7 +409,7 @@ class Engine:
                     in_slot[slot] = None
                     bar.update(1)
             if stopped:  # stop strings are found on the host: tell the device those rows are over
-                state = dataclasses.replace(state, done_B=state.done_B.at[jnp.asarray(stopped)].set(True))
+                state = _stop_rows(state, np.asarray(stopped, np.int32))
             bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - start, 1e-9):.0f}")
         bar.close()
 

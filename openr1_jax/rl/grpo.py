@@ -8,6 +8,12 @@
 
 Checkpoints fall on generation boundaries, and every random draw is a function of (seed, generation), so a
 killed run resumes bit-exactly: the same prompts, the same samples, the same updates.
+
+On several hosts every process runs this same loop and makes the same host-side decisions: the prompts, seeds
+and chunk orders come from (seed, generation) alone, and what the host reads back from the devices (sampled
+tokens, reference log-probs, metrics) is replicated, so every process reads the same values. The rollout is one
+SPMD program whose rows are spread over all devices of all hosts; each host then builds only its own rows of
+every train batch (`_to_global`). Orbax writes each host's shards of a checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from openr1_jax.sharding.context import sharding_context
 from openr1_jax.sharding.distributed import initialize_distributed
 from openr1_jax.sharding.mesh import make_mesh
 from openr1_jax.sharding.rules import DEFAULT_RULES, named_sharding
+from openr1_jax.sharding.watchdog import peer_watch
 from openr1_jax.structured import to_dict
 from openr1_jax.train.checkpointing import Checkpointer, PreemptionGuard
 from openr1_jax.train.metrics_log import MetricsLogger
@@ -146,7 +153,8 @@ def prompt_iterator(num_rows: int, prompts_per_generation: int, seed: int):
 
 
 def _to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
-    """Every process holds the whole generation batch: each device takes its slice."""
+    """Every process holds the whole generation batch; jax asks each process only for its own devices' slices,
+    so a host materialises only its rows of the global batch."""
     return {
         k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index]) for k, v in batch.items()
     }
@@ -175,7 +183,7 @@ def run_grpo(cfg: GRPOConfig, extra_rewards: dict[str, Callable] | None = None) 
     )
     on_policy = cfg.num_iterations == 1 and cfg.generation_steps == cfg.gradient_accumulation_steps
     T = cfg.max_prompt_length + cfg.max_completion_length
-    with sharding_context(mesh, DEFAULT_RULES):
+    with peer_watch(out / "checkpoints"), sharding_context(mesh, DEFAULT_RULES):
         graphdef, state, shardings = sharded_train_state(cfg.model, s.model_cfg, s.weights, optimizer, mesh, cfg.seed)
         # The frozen reference of the KL term: a copy of the starting weights (none when beta is 0).
         ref_params = jax.tree.map(lambda a: a.copy(), state.params) if cfg.beta > 0 else None
@@ -194,7 +202,10 @@ def run_grpo(cfg: GRPOConfig, extra_rewards: dict[str, Callable] | None = None) 
             bias_update_rate=cfg.bias_update_rate,
         )
         train_step = jit_train_step(step_fn, shardings, batch_shardings)
-        ref_logps = jax.jit(make_logps_fn(graphdef, cfg.temperature)) if ref_params is not None else None
+        ref_logps = None
+        if ref_params is not None:  # replicated: every process holds the whole generation batch (`_to_global`)
+            replicated = NamedSharding(mesh, PartitionSpec())
+            ref_logps = jax.jit(make_logps_fn(graphdef, cfg.temperature), out_shardings=replicated)
         engine = Engine.from_state(
             graphdef,
             state.params,

@@ -1,9 +1,11 @@
-"""Multi-host start-up and host-local -> global batches.
+"""Multi-host start-up, host-local -> global batches, and global arrays -> every host.
 
 On a TPU VM pod slice every host runs the same program; `jax.distributed.initialize()` finds the coordinator
 and this host's id from the TPU metadata by itself. Elsewhere (GPU clusters, CPU tests) the coordinator
 address, process count and process id come from arguments or from the environment variables
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. Must run before any other JAX call.
+A process that stops sending heartbeats for OPENR1_JAX_HEARTBEAT_TIMEOUT seconds (default 30) ends the job on
+every host; `watchdog.peer_watch` turns that end into one sentence.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from openr1_jax.errors import UserError
 from openr1_jax.sharding.rules import named_sharding
+from openr1_jax.sharding.watchdog import heartbeat_timeout
 
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -50,10 +53,13 @@ def initialize_distributed(
             return False
         if not 0 <= process_id < num_processes:
             raise UserError(f"process id {process_id} is not in [0, {num_processes})")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout(env)
+        )
         return True
     if _multi_host_tpu(env):
-        jax.distributed.initialize()  # coordinator and ids from the TPU metadata server
+        # Coordinator and ids from the TPU metadata server.
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout(env))
         return True
     return False
 
@@ -87,3 +93,16 @@ def host_local_batch_to_global(
         global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
         out[name] = jax.make_array_from_process_local_data(batch_sharding, np.asarray(local), global_shape)
     return out
+
+
+def fetch(tree):
+    """Every jax.Array in `tree` as a whole numpy array, on every process. Arrays whose rows are spread over the
+    devices of several processes (np.asarray refuses those) are all-gathered first."""
+    from jax.experimental import multihost_utils
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(whole, tree)

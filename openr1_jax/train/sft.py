@@ -31,6 +31,7 @@ from openr1_jax.sharding.context import sharding_context
 from openr1_jax.sharding.distributed import host_local_batch_to_global, initialize_distributed
 from openr1_jax.sharding.mesh import make_mesh
 from openr1_jax.sharding.rules import DEFAULT_RULES, named_sharding
+from openr1_jax.sharding.watchdog import peer_watch
 from openr1_jax.structured import to_dict
 from openr1_jax.train import flops
 from openr1_jax.train.checkpointing import Checkpointer, PreemptionGuard
@@ -163,10 +164,11 @@ def run_sft(cfg: SFTConfig, data: grain.DatasetIterator | None = None) -> SFTRes
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is not a folder")
 
-    # 2. Train state, sharded from birth.
+    # 2. Train state, sharded from birth. With several processes, a lost one ends the job on every host with one
+    # sentence (peer_watch) instead of a hang or a page of runtime log.
     optimizer = make_optimizer(cfg.optimizer, total_steps)
     schedule = learning_rate_schedule(cfg.optimizer, total_steps)
-    with sharding_context(mesh, DEFAULT_RULES):
+    with peer_watch(out / "checkpoints"), sharding_context(mesh, DEFAULT_RULES):
         graphdef, state, shardings = sharded_train_state(cfg.model, model_cfg, weights, optimizer, mesh, cfg.seed)
         batch_sharding = named_sharding(("batch", None), mesh, DEFAULT_RULES, (cfg.batch_size, cfg.data.seq_len))
         train_step = jit_train_step(

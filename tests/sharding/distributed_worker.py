@@ -1,9 +1,9 @@
 """One process of the two-process test (tests/sharding/test_distributed.py): 4 CPU devices each, gloo
 collectives, a sharded tiny-moe forward (fsdp=4 x expert=2, expert parallelism across the processes) on a
 global batch assembled from host-local halves. Process 0 writes the gathered logits to argv[3].
-The launcher sets JAX_PLATFORMS=cpu and XLA_FLAGS (4 devices); importing this module changes nothing."""
+The launcher sets JAX_PLATFORMS=cpu, XLA_FLAGS (4 devices) and the compile cache (tests/multihost/launch.py
+child_env); importing this module changes nothing."""
 
-import os
 import sys
 
 import jax
@@ -25,12 +25,6 @@ def global_batch(vocab: int) -> dict[str, np.ndarray]:
 def main(port: str, process_id: str, out_path: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_default_matmul_precision", "highest")
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/openr1_jax_test_jit"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_default_matmul_precision", "highest")
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/openr1_jax_test_jit"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     assert initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     cfg = load_model_config("tiny-moe", {"num_hidden_layers": 2})

@@ -1,11 +1,8 @@
 """Two local processes (gloo CPU collectives, 4 devices each) run a sharded, expert-parallel tiny-moe forward
 on a global batch built from host-local halves; the result equals the single-process forward."""
 
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,22 +12,14 @@ from openr1_jax.errors import UserError
 from openr1_jax.models.params import build_model
 from openr1_jax.models.presets import load_model_config
 from openr1_jax.sharding.distributed import initialize_distributed
+from tests.multihost.launch import ROOT, child_env, free_port
 from tests.sharding.distributed_worker import global_batch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "logits.npy"
     port = str(free_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
-    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = child_env(4)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.sharding.distributed_worker", port, str(i), str(out)],

@@ -1,19 +1,18 @@
 """A child process for the SFT resume and multi-host tests: runs `run_sft` with dotted overrides.
 
   python -m tests.train.sft_child [--process-id I --num-processes N --port P] [--kill-after-save S]
-                                  [--stop-at S] [--two-shard-data] KEY=VALUE ...
+                                  [--stop-at S] [--shards N] KEY=VALUE ...
 
 --kill-after-save S: SIGKILL this process right after the checkpoint of step S is committed (a crash).
 --stop-at S: behave as if SIGTERM (preemption) arrived during step S (save and exit cleanly).
---two-shard-data: one process feeding the global batches that two hosts would load (their per-host rows
-                  concatenated in process order), the single-process reference of the multi-host test.
+--shards N: one process feeding the global batches that N hosts would load (their per-host rows concatenated
+            in process order), the single-process reference of the multi-host tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 
@@ -24,7 +23,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--kill-after-save", type=int, default=None)
     parser.add_argument("--stop-at", type=int, default=None)
-    parser.add_argument("--two-shard-data", action="store_true")
+    parser.add_argument("--shards", type=int, default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -40,28 +39,20 @@ def main() -> None:
 
     from openr1_jax.train import checkpointing, sft
     from openr1_jax.train.config import load_sft_config
+    from tests.multihost.launch import crash_after_save
 
     if args.kill_after_save is not None:
-        original = checkpointing.Checkpointer.maybe_save
-
-        def save_then_crash(self, step, *a, **kw):
-            saved = original(self, step, *a, **kw)
-            if step == args.kill_after_save:
-                self.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return saved
-
-        checkpointing.Checkpointer.maybe_save = save_then_crash
+        crash_after_save(args.kill_after_save)
     if args.stop_at is not None:
         checkpointing.PreemptionGuard.should_stop = lambda self, step: step >= args.stop_at
 
     cfg = load_sft_config("default", args.overrides)
-    data = two_shard_iterator(cfg) if args.two_shard_data else None
+    data = sharded_iterator(cfg, args.shards) if args.shards else None
     result = sft.run_sft(cfg, data)
     print(f"RESULT steps={result.steps} preempted={result.preempted}", flush=True)
 
 
-def two_shard_iterator(cfg):
+def sharded_iterator(cfg, count: int):
     import grain
     import numpy as np
 
@@ -70,11 +61,11 @@ def two_shard_iterator(cfg):
 
     tokenizer = load_tokenizer(cfg.data)
     shards = [
-        sft_iterator(cfg.data, tokenizer, cfg.batch_size // 2, seed=cfg.seed, process_index=p, process_count=2)
-        for p in range(2)
+        sft_iterator(cfg.data, tokenizer, cfg.batch_size // count, seed=cfg.seed, process_index=p, process_count=count)
+        for p in range(count)
     ]
 
-    class TwoShards(grain.DatasetIterator):
+    class Shards(grain.DatasetIterator):
         def __init__(self):
             super().__init__()
 
@@ -91,7 +82,7 @@ def two_shard_iterator(cfg):
             for s, st in zip(shards, state["shards"]):
                 s.set_state(st)
 
-    return TwoShards()
+    return Shards()
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +14,8 @@ from openr1_jax.models.load import load_model
 from openr1_jax.models.params import flat_variables
 from openr1_jax.train.config import load_sft_config
 from openr1_jax.train.sft import run_sft
+from tests.multihost.launch import ROOT, child_env, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "model.name_or_path=tiny-moe",
     "model.dtype=float32",
@@ -31,18 +29,6 @@ TINY = [
     "logging.progress_bar=false",
     "evaluation.dataset=null",
 ]
-
-
-def child_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/openr1_jax_test_jit"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-        PYTHONPATH=str(ROOT),
-    )
-    return env
 
 
 def start_child(out: Path, *flags: str, devices: int = 2, extra=()) -> subprocess.Popen:
@@ -107,14 +93,8 @@ def test_exact_resume_after_kill_9(tmp_path):
     assert losses_of(crash) == losses_of(tmp_path / "full")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_pair(out: Path, *flags: str) -> None:
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         start_child(out, "--process-id", str(i), "--num-processes", "2", "--port", port, *flags, devices=1)
         for i in range(2)
@@ -128,7 +108,7 @@ def _run_pair(out: Path, *flags: str) -> None:
 def test_two_processes_equal_one_with_preemption_and_restore(tmp_path):
     """Two hosts (jax.distributed + gloo, one CPU device each, per-host data loading) are preempted at step 3,
     restore from the checkpoint and finish: the parameters equal one process running the same global batches."""
-    run_child(tmp_path / "one", "--two-shard-data")
+    run_child(tmp_path / "one", "--shards", "2")
     two = tmp_path / "two"
     _run_pair(two, "--stop-at", "3")
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["3"]
