@@ -71,6 +71,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     plan.add_argument("--presets", action="store_true", help="plan every preset and print a Markdown table")
 
+    _add_ablate_command(commands, fmt)
+
     demo = commands.add_parser(
         "demo",
         help="the embedded default: base -> SFT -> GRPO (R1) and base -> GRPO (R1-Zero) on the bundled task",
@@ -84,6 +86,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="overrides of one stage's config: pretrain./sft. (the sft default), grpo./r1zero. (the grpo default)",
     )
     return parser
+
+
+def _add_ablate_command(commands, fmt) -> None:
+    """`openr1-jax ablate SWEEP [KEY=VALUE ...]` (openr1_jax/ablate/)."""
+    from openr1_jax.models.presets import config_dir
+
+    sweeps = ", ".join(sorted(p.stem for p in config_dir("ablate").glob("*.yaml")))
+    ablate = commands.add_parser(
+        "ablate",
+        help="a sweep of SFT or GRPO arms over seeds, resumable; a results table (Markdown, CSV) and plots",
+        description=f"CONFIG is a sweep YAML file or a name in configs/ablate ({sweeps}); KEY=VALUE pairs override "
+        "the sweep file (e.g. seeds=[0]). Rerunning the same command resumes: finished runs are skipped.",
+        formatter_class=fmt,
+    )
+    ablate.add_argument("config", help="sweep YAML file or name")
+    ablate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the sweep file")
+    ablate.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (each pinned to its cores)")
+    ablate.add_argument("--host-index", type=int, default=0, help="this host's index: it runs every N-th run")
+    ablate.add_argument("--host-count", type=int, default=1, help="hosts sharing the sweep (and its output folder)")
+    ablate.add_argument("--table-only", action="store_true", help="only rebuild the table and plots from finished runs")
 
 
 # name -> (help, config module, config class, default recipe); loaders are `load_<name>_config(config, overrides)`.
@@ -188,6 +210,18 @@ def run(args: argparse.Namespace) -> None:
         if config is not None and "=" in config:  # `plan a=1`: overrides only
             config, overrides = "default", [config, *overrides]
         run_plan(config, overrides, args.topology, args.mesh, args.search, args.recipe, args.depth)
+    elif args.command == "ablate":
+        from openr1_jax.ablate import load_sweep_config, run_ablation
+
+        cfg = load_sweep_config(args.config, args.overrides)
+        r = run_ablation(cfg, args.jobs, args.host_index, args.host_count, args.table_only)
+        print(f"{len(r.finished)} of {len(r.runs)} runs finished", end="")
+        print(f"; results in {r.results_dir}" if r.results_dir else "")
+        if r.stopped:
+            print("stopped by a signal: rerun the same command to resume")
+        if r.failed:
+            logs = ", ".join(str(run.out / "ablate.log") for run in r.failed[:3])
+            raise UserError(f"{len(r.failed)} run(s) failed (logs: {logs}{', ...' if len(r.failed) > 3 else ''})")
     elif args.command == "demo":
         from openr1_jax.demo import run_demo
 
@@ -259,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # `plan CONFIG --topology T key=value`: argparse leaves overrides after an option unparsed
-        if args.command != "plan" or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("plan", "ablate") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
