@@ -1,15 +1,16 @@
 """Package discovery that pyproject.toml cannot express.
 
 `kernels/` is a top-level folder of the repository but installs as `openr1_jax_kernels`, so it can never
-collide with the unrelated PyPI distribution `kernels` (which transformers may import). `configs/` ships
-inside the wheel as `openr1_jax._configs` so installed users get the YAML presets too.
+collide with the unrelated PyPI distribution `kernels` (which transformers imports). The folder itself has no
+`__init__.py` (see kernels/README.md), so `openr1_jax_kernels` is a namespace package whose op sub-packages are
+regular ones. `configs/` ships inside the wheel as `openr1_jax._configs` so installed users get the YAML presets too.
 """
 
 from setuptools import find_packages, setup
 
 
 def _mapped(folder: str, name: str) -> list[str]:
-    return [name + p[len(folder) :] for p in find_packages(include=[folder, folder + ".*"])]
+    return [name] + [f"{name}.{p}" for p in find_packages(where=folder)]
 
 
 setup(

@@ -24,7 +24,7 @@ _BUILD_DIRS = ("openr1_jax", "kernels", "configs")
 
 # Prints, as JSON, where the installed packages and the configs resources come from, and the YAML files' texts.
 _PROBE = """
-import importlib.resources, json, openr1_jax, openr1_jax_kernels
+import importlib.resources, json, openr1_jax, openr1_jax_kernels.gmm
 
 def walk(node, prefix=""):
     for child in node.iterdir():
@@ -36,7 +36,7 @@ def walk(node, prefix=""):
 root = importlib.resources.files("openr1_jax._configs")
 print(json.dumps({
     "openr1_jax": openr1_jax.__file__,
-    "openr1_jax_kernels": openr1_jax_kernels.__file__,
+    "openr1_jax_kernels": openr1_jax_kernels.gmm.__file__,
     "configs": str(root),
     "yaml": dict(walk(root)),
 }))
@@ -67,14 +67,23 @@ def _yaml_texts(configs: Path) -> dict[str, str]:
     return {p.relative_to(configs).as_posix(): p.read_text() for p in sorted(configs.rglob("*.yaml"))}
 
 
+def _resolved(paths) -> set[Path]:
+    return {Path(p).resolve() for p in paths}
+
+
 def test_kernels_import_as_openr1_jax_kernels():
     import openr1_jax_kernels
+    import openr1_jax_kernels.gmm
 
-    assert Path(openr1_jax_kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
+    assert REPO / "kernels" in _resolved(openr1_jax_kernels.__path__)
+    assert Path(openr1_jax_kernels.gmm.__file__).resolve() == REPO / "kernels" / "gmm" / "__init__.py"
 
 
-def test_top_level_kernels_is_not_ours(tmp_path):
-    # `kernels` is a PyPI distribution that transformers may import: our folder must never answer to that name.
+@pytest.mark.parametrize("where", ["outside", "repo_root"])
+def test_top_level_kernels_is_not_ours(tmp_path, where):
+    # `kernels` is a PyPI distribution that transformers imports: our folder must never answer to that name, not
+    # even from the repository root, where `python -m pytest` and `python -c` put the working directory first on
+    # sys.path (a regular package there once shadowed it and broke `import transformers`).
     probe = """
 import json, openr1_jax_kernels
 try:
@@ -83,13 +92,19 @@ except ModuleNotFoundError:
     found = []
 else:
     found = [getattr(kernels, "__file__", None) or "", *getattr(kernels, "__path__", [])]
-print(json.dumps({"ours": openr1_jax_kernels.__file__, "kernels": found}))
+print(json.dumps({"ours": list(openr1_jax_kernels.__path__), "kernels": found}))
 """
-    out = json.loads(_python(probe, cwd=tmp_path))
-    assert Path(out["ours"]).resolve() == REPO / "kernels" / "__init__.py"
+    out = json.loads(_python(probe, cwd=REPO if where == "repo_root" else tmp_path))
     ours = REPO / "kernels"
+    assert ours in _resolved(out["ours"])
     for location in out["kernels"]:
         assert ours not in Path(location).resolve().parents and Path(location).resolve() != ours, location
+
+
+def test_transformers_imports_its_models_from_the_repo_root():
+    # What CI's parity tests do first: transformers' model modules import its hub-kernels integration, which imports
+    # the `kernels` distribution when one is installed.
+    _python("import transformers; transformers.DeepseekV3ForCausalLM; transformers.Qwen2ForCausalLM", cwd=REPO)
 
 
 def test_configs_package_resolves_to_repo_configs(tmp_path):
@@ -127,8 +142,9 @@ def test_wheel_contents_and_install(tmp_path):
         entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
         top_level = set(zf.read(f"{dist_info}/top_level.txt").decode().split())
 
-    for required in ("openr1_jax/__init__.py", "openr1_jax_kernels/__init__.py", "openr1_jax/_configs/__init__.py"):
+    for required in ("openr1_jax/__init__.py", "openr1_jax_kernels/gmm/__init__.py", "openr1_jax/_configs/__init__.py"):
         assert required in names
+    assert "openr1_jax_kernels/__init__.py" not in names, "a namespace package, so it never shadows `kernels`"
     kernel_sources = {
         "openr1_jax_kernels/" + p.relative_to(src / "kernels").as_posix() for p in src.glob("kernels/**/*.py")
     }
@@ -153,6 +169,7 @@ def test_wheel_contents_and_install(tmp_path):
     out = json.loads(_python(_PROBE, cwd=elsewhere, pythonpath=site))
     site = site.resolve()
     assert Path(out["openr1_jax"]).resolve() == site / "openr1_jax" / "__init__.py"
-    assert Path(out["openr1_jax_kernels"]).resolve() == site / "openr1_jax_kernels" / "__init__.py"
+    # A namespace package also gathers the checkout's editable portion, but the wheel's comes first.
+    assert Path(out["openr1_jax_kernels"]).resolve() == site / "openr1_jax_kernels" / "gmm" / "__init__.py"
     assert Path(out["configs"]).resolve() == site / "openr1_jax" / "_configs"
     assert out["yaml"] == yaml
