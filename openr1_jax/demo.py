@@ -1,13 +1,21 @@
 """The embedded default job (`openr1-jax demo`, `make demo`): the R1 recipe in miniature on a 2-core CPU.
 
-    base     a DeepSeek-V3-shaped tiny MoE (MLA + MoE + MTP) pretrained on plain-text worked sums (no chat
-             template): it has seen reasoning, the way DeepSeek-V3 had, but was never taught to converse
-    R1       base -> SFT "cold start" on chat-formatted traces -> GRPO (accuracy + format rewards)
-    R1-Zero  base -> GRPO directly, prompted with plain text, on the easier carry-free problems
+    base     a DeepSeek-V3-shaped tiny MoE (MLA + MoE + MTP) pretrained briefly on plain-text worked sums
+             ("User: ...\nAssistant:<think>...", no chat template): it has seen reasoning, the way DeepSeek-V3
+             had, gets about half the problems right, and was never taught the chat format
+    R1       base -> a short SFT "cold start" on chat-formatted traces -> GRPO (accuracy + format rewards)
+    R1-Zero  base -> GRPO directly, prompted with the plain template, on the easier carry-free problems
 
-Every stage is scored on the same held-out problems (greedy; accuracy, format rate, mean length); the job
-prints the table and writes `stages.png` (reward and held-out accuracy curves) beside each stage's outputs.
-No download: the task and the tokenizer ship with the package.
+The R1 stages are scored on the same held-out problems, R1-Zero and the base beside it on the carry-free ones
+(greedy; accuracy, format rate, mean length). The job prints the table and writes `stages.png` (reward and
+held-out accuracy curves) beside each stage's outputs. No download: the task and the tokenizer ship with the
+package.
+
+Why these budgets: the plain template puts as many tokens between a problem and its trace as the chat template
+does, so what the base learned carries over to the chat format after a few SFT steps; RL then moves a policy
+that SFT left half right. A 1M-parameter policy trained with a noisy reward needs a small step: GRPO's lr is
+1/200 of pretraining's (5e-5 vs 1e-2; measured: 1e-4 already lowers held-out accuracy, 1e-3 ruins it), and a
+cool sampler (temperature 0.5) finds a rewarded answer in more groups.
 """
 
 from __future__ import annotations
@@ -20,12 +28,16 @@ from pathlib import Path
 from openr1_jax.errors import UserError
 
 STAGES = ("pretrain", "sft", "grpo", "r1zero")
-PLAIN_TEMPLATE = "{prompt}\n"  # how the base model saw problems in pretraining
+# How the base model saw problems in pretraining (R1-Zero's "User: ... Assistant:" style). Its last five tokens
+# stand where the chat template's `<|im_end|>\n<|im_start|>assistant\n` stands, so the trace sits at the same
+# distance from the problem's digits in both formats.
+PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
 
 
 @dataclass
 class StageScore:
     stage: str
+    heldout: str  # which held-out problems: "all" or "carry-free"
     accuracy: float
     format_rate: float
     mean_length: float
@@ -53,11 +65,11 @@ def _write_plain_corpus(path: Path, num_rows: int) -> None:
             f.write(json.dumps({"prompt": PLAIN_TEMPLATE.format(prompt=row["problem"]), "completion": solution}) + "\n")
 
 
-def _write_carry_free_split(path: Path) -> int:
-    """The easier split of the R1-Zero run: training problems whose columns never carry."""
+def _write_carry_free_split(path: Path, split: str) -> int:
+    """The easier split of the R1-Zero run: problems of `split` whose columns never carry."""
     from openr1_jax.data.embedded import load_rows
 
-    rows = [r for r in load_rows("train") if _no_carry(r)]
+    rows = [r for r in load_rows(split) if _no_carry(r)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({k: r[k] for k in ("problem", "solution")}) + "\n" for r in rows))
     return len(rows)
@@ -104,19 +116,19 @@ def run_demo(output_dir: str = "runs/demo", overrides: Sequence[str] = (), num_e
     out = Path(output_dir).expanduser().absolute()
     routed = _split_overrides(overrides)
     common_sft = ["evaluation.dataset=null", "logging.logging_steps=25"]
-    # RL moves a 1M-parameter policy with noisy gradients: a small step and a cooler sampler keep it stable.
-    rl_args = [f"evaluation.num_examples={num_eval}", "optimizer.learning_rate=2e-4", "temperature=0.7"]
+    rl_args = [f"evaluation.num_examples={num_eval}", "evaluation.eval_steps=50"]
 
     corpus = out / "data" / "pretrain.jsonl"
     _write_plain_corpus(corpus, 3645)  # every training problem of the split
-    easy = out / "data" / "carry_free.jsonl"
-    _write_carry_free_split(easy)
+    easy, easy_test = out / "data" / "carry_free.jsonl", out / "data" / "carry_free_test.jsonl"
+    _write_carry_free_split(easy, "train")
+    _write_carry_free_split(easy_test, "test")
     pretrain = load_sft_config(
         "default",
         [
             f"output_dir={out / 'pretrain'}",
             f"data.datasets=[{{path: {corpus}}}]",
-            "max_steps=250",
+            "max_steps=330",  # a base that is right on some problems: room for SFT and RL (600 steps: ~100%)
             *common_sft,
             *routed["pretrain"],
         ],
@@ -126,8 +138,9 @@ def run_demo(output_dir: str = "runs/demo", overrides: Sequence[str] = (), num_e
         [
             f"output_dir={out / 'sft'}",
             f"model.name_or_path={out / 'pretrain' / 'model'}",
-            "max_steps=100",
-            "optimizer.learning_rate=3e-3",
+            "max_steps=40",  # a cold start: the chat format, ~1,600 traces
+            "optimizer.learning_rate=1e-3",
+            "optimizer.lr_scheduler_type=constant",
             "optimizer.warmup_ratio=0.0",
             *common_sft,
             *routed["sft"],
@@ -144,6 +157,9 @@ def run_demo(output_dir: str = "runs/demo", overrides: Sequence[str] = (), num_e
             f"model.name_or_path={out / 'pretrain' / 'model'}",
             f"data.path={easy}",
             f"data.prompt_template={json.dumps(PLAIN_TEMPLATE)}",
+            f"evaluation.dataset={easy_test}",
+            "max_steps=150",  # the easier split needs less: 8 prompts x 8 completions per step
+            "batch_size=64",
             *rl_args,
             *routed["r1zero"],
         ],
@@ -159,29 +175,30 @@ def run_demo(output_dir: str = "runs/demo", overrides: Sequence[str] = (), num_e
     print("stage 4/4: R1-Zero: GRPO straight from the base model on carry-free problems", flush=True)
     zero = run_grpo(r1zero)
 
-    first, last = r1.evaluations[0], r1.evaluations[-1]
+    def row(stage: str, heldout: str, scores: dict) -> StageScore:
+        return StageScore(stage, heldout, scores["accuracy"], scores["format_rate"], scores["mean_length"])
+
     rows = [
-        StageScore("base (plain-text prompt)", base["accuracy"], base["format_rate"], base["mean_length"]),
-        StageScore("base -> SFT", first["accuracy"], first["format_rate"], first["mean_length"]),
-        StageScore("base -> SFT -> GRPO (R1)", last["accuracy"], last["format_rate"], last["mean_length"]),
-        StageScore(
-            "base -> GRPO (R1-Zero)",
-            zero.evaluations[-1]["accuracy"],
-            zero.evaluations[-1]["format_rate"],
-            zero.evaluations[-1]["mean_length"],
-        ),
+        row("base (plain prompt)", "all", base),
+        row("base -> SFT", "all", r1.evaluations[0]),
+        row("base -> SFT -> GRPO (R1)", "all", r1.evaluations[-1]),
+        row("base (plain prompt)", "carry-free", zero.evaluations[0]),
+        row("base -> GRPO (R1-Zero)", "carry-free", zero.evaluations[-1]),
     ]
-    _print_table(rows, num_eval)
+    _print_table(rows)
     _plot(out, rows)
     (out / "stages.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
     return rows
 
 
-def _print_table(rows: list[StageScore], n: int) -> None:
-    print(f"\nheld-out problems: {n}, greedy decoding")
-    print(f"{'stage':<28} {'accuracy':>9} {'format':>8} {'length':>8}")
+def _print_table(rows: list[StageScore]) -> None:
+    print("\nheld-out problems, greedy decoding")
+    print(f"{'stage':<28} {'held-out':<11} {'accuracy':>9} {'format':>8} {'length':>8}")
     for r in rows:
-        print(f"{r.stage:<28} {100 * r.accuracy:>8.1f}% {100 * r.format_rate:>7.1f}% {r.mean_length:>8.1f}")
+        print(
+            f"{r.stage:<28} {r.heldout:<11} {100 * r.accuracy:>8.1f}% {100 * r.format_rate:>7.1f}% "
+            f"{r.mean_length:>8.1f}"
+        )
 
 
 def _plot(out: Path, rows: list[StageScore]) -> Path:
@@ -189,9 +206,9 @@ def _plot(out: Path, rows: list[StageScore]) -> Path:
 
     from openr1_jax.train.plot import read_metrics
 
-    fig = Figure(figsize=(11, 3.6))
-    ax_reward, ax_acc, ax_bar = fig.subplots(1, 3)
-    for stage, label in (("grpo", "R1: SFT -> GRPO"), ("r1zero", "R1-Zero: base -> GRPO")):
+    fig = Figure(figsize=(13, 3.8))
+    ax_reward, ax_acc, ax_bar = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    for stage, label in (("grpo", "R1: SFT -> GRPO (all)"), ("r1zero", "R1-Zero: base -> GRPO (carry-free)")):
         records = read_metrics(out / stage / "metrics.jsonl")
         train = [r for r in records if "rewards/accuracy/mean" in r]
         ax_reward.plot([r["step"] for r in train], [r["rewards/accuracy/mean"] for r in train], label=label)
@@ -199,7 +216,8 @@ def _plot(out: Path, rows: list[StageScore]) -> Path:
         ax_acc.plot([e["step"] for e in evals], [100 * e["accuracy"] for e in evals], marker="o", label=label)
     ax_reward.set(title="accuracy reward (sampled)", xlabel="GRPO step")
     ax_acc.set(title="held-out accuracy, greedy (%)", xlabel="GRPO step")
-    ax_bar.barh([r.stage for r in rows][::-1], [100 * r.accuracy for r in rows][::-1], color="tab:blue")
+    labels = [f"{r.stage}\n({r.heldout} held-out)" for r in rows][::-1]
+    ax_bar.barh(labels, [100 * r.accuracy for r in rows][::-1], color="tab:blue")
     ax_bar.set(title="held-out accuracy by stage (%)", xlim=(0, 100))
     for ax in (ax_reward, ax_acc):
         ax.grid(alpha=0.3)

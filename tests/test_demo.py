@@ -25,13 +25,18 @@ def test_demo_chain_writes_the_table_and_plot(tmp_path, capsys):
         *(f"r1zero.{o}" for o in TINY_GRPO),
     ]
     rows = run_demo(str(tmp_path), overrides, num_eval=8)
-    assert len(rows) == 4 and rows[0].stage.startswith("base")
+    assert len(rows) == 5 and rows[0].stage.startswith("base")
+    assert [r.heldout for r in rows] == ["all", "all", "all", "carry-free", "carry-free"]
     assert all(0.0 <= r.accuracy <= 1.0 and r.mean_length > 0 for r in rows)
     assert (tmp_path / "stages.png").stat().st_size > 0
-    assert len(json.loads((tmp_path / "stages.json").read_text())) == 4
+    assert len(json.loads((tmp_path / "stages.json").read_text())) == 5
     table = capsys.readouterr().out
     assert "base -> SFT -> GRPO (R1)" in table and "R1-Zero" in table
-    easy = [json.loads(line) for line in (tmp_path / "data" / "carry_free.jsonl").read_text().splitlines()]
+    easy = [
+        json.loads(line)
+        for name in ("carry_free.jsonl", "carry_free_test.jsonl")
+        for line in (tmp_path / "data" / name).read_text().splitlines()
+    ]
     assert easy
     for row in easy:  # no column carries: every digit pair sums below 10
         a, b = row["problem"].removeprefix("What is ").removesuffix("?").split(" + ")

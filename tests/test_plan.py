@@ -78,8 +78,9 @@ def test_grpo_plan_has_train_rollout_and_reference_programs(no_persistent_cache)
     assert plan.fits and plan.step_seconds > 0 and 0 < plan.mfu <= 1
     T = cfg.max_prompt_length + cfg.max_completion_length
     assert train.tokens == cfg.batch_size * T and plan.calls_per_step[0] == 1
-    # 64 completions decoded in one wave of 64 slots, 36 tokens each, one generation per optimizer step
-    assert decode.tokens == 64 and plan.calls_per_step[1] == cfg.max_completion_length
+    # the generation's completions decoded in one wave of slots, one generation per optimizer step
+    assert cfg.rollout.max_batch_size == cfg.generation_batch_size
+    assert decode.tokens == cfg.generation_batch_size and plan.calls_per_step[1] == cfg.max_completion_length
     assert decode.state.kv_cache > 0 and decode.state.gradients == 0
     # co-located sampling: the optimizer state and the frozen reference stay in HBM while the engine decodes
     assert decode.state.optimizer == train.state.optimizer and decode.state.reference == train.state.params
