@@ -4,6 +4,7 @@ presets and bad input. The presets of big models take minutes each: `pytest -m p
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -129,6 +130,27 @@ def test_cli_reports_and_takes_overrides_after_options(no_persistent_cache):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("SFT on v5e-8: 8 chips of v5e") and "tokens/s/chip (roofline)" in proc.stdout
     assert "TPU_WORKER_HOSTNAMES" not in proc.stderr  # libtpu's no-metadata warnings are kept off the terminal
+
+
+def test_plan_runs_beside_another_jax_process(no_persistent_cache):
+    # A jax job on this machine (a CPU training run too) loads libtpu, which takes a machine-wide lockfile; the
+    # planner only compiles, so it must not need that lock. The test session's own permission is taken away.
+    env = {k: v for k, v in os.environ.items() if k not in ("ALLOW_MULTIPLE_LIBTPU_LOAD", "JAX_PLATFORMS")}
+    hold = "import time, jax; jax.devices(); print('up', flush=True); time.sleep(300)"
+    holder = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "up"
+        proc = subprocess.run(
+            [sys.executable, "-m", "openr1_jax.cli", "plan", "default", "--topology", "v5e-8", *TINY],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tokens/s/chip (roofline)" in proc.stdout
 
 
 def test_cli_bad_topology_is_one_sentence():

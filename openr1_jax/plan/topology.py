@@ -46,8 +46,16 @@ class Topology:
 
         if importlib.util.find_spec("libtpu") is None:
             raise UserError("planning for TPUs needs libtpu: pip install 'openr1-jax[tpu]' (no TPU is needed)")
-        with _quiet_native_stderr():  # libtpu warns that this machine has no TPU metadata; we know
-            return topologies.get_topology_desc(platform="tpu", topology_name=self.grid).devices
+        # libtpu takes a machine-wide lockfile so two processes never drive one TPU. Any jax process here loads
+        # libtpu when it is installed (CPU training jobs too) and holds that lock; planning only compiles, so it
+        # may share libtpu with them.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        try:
+            with _quiet_native_stderr():  # libtpu warns that this machine has no TPU metadata; we know
+                return topologies.get_topology_desc(platform="tpu", topology_name=self.grid).devices
+        except RuntimeError as e:  # jax's JaxRuntimeError: libtpu could not start (it said why on stderr)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"libtpu could not describe a {self.name} slice: {first}") from None
 
 
 def parse_topology(name: str) -> Topology:
