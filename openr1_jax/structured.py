@@ -171,7 +171,13 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], cls: type | 
                 names = {f.name for f in dataclasses.fields(node_cls)}
                 if key not in names:
                     close = difflib.get_close_matches(key, sorted(names), n=1)
-                    hint = f" (did you mean '{'.'.join([*keys[:depth], close[0]])}'?)" if close else ""
+                    # a field of a nested section written without its section (`gradient_accumulation_steps`
+                    # for `training.gradient_accumulation_steps`) beats a merely similar name at this level
+                    nested = _nested_paths(node_cls, key)
+                    guess = ".".join([*keys[:depth], nested[0]]) if nested else None
+                    if guess is None and close:
+                        guess = ".".join([*keys[:depth], close[0]])
+                    hint = f" (did you mean '{guess}'?)" if guess else ""
                     raise UserError(f"unknown override key '{dotted}'{hint}")
                 node_cls = _field_class(node_cls, key)
             if last:
@@ -183,6 +189,18 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], cls: type | 
                     node[key] = child
                 node = child
     return data
+
+
+def _nested_paths(cls: type, key: str, prefix: str = "", depth: int = 2) -> list[str]:
+    """Dotted paths of fields named `key` in the dataclass sections below `cls` (not `cls`'s own fields)."""
+    found = []
+    for f in dataclasses.fields(cls):
+        sub = _field_class(cls, f.name)
+        if dataclasses.is_dataclass(sub) and depth > 0:
+            if key in {g.name for g in dataclasses.fields(sub)}:
+                found.append(f"{prefix}{f.name}.{key}")
+            found += _nested_paths(sub, key, f"{prefix}{f.name}.", depth - 1)
+    return found
 
 
 def _field_class(cls: type, name: str) -> Any:

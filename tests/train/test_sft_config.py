@@ -106,6 +106,13 @@ def test_unknown_key_gets_a_suggestion(capsys, tmp_path):
     recipe = tmp_path / "sft.yaml"
     recipe.write_text("batch_size: 8\noptimizer:\n  lr_sheduler_type: linear\n")
     _fails(capsys, tmp_path, str(recipe), needles=("optimizer.lr_sheduler_type", "lr_scheduler_type", str(recipe)))
+    # a nested section's field written at the top level: the suggestion names its section
+    _fails(
+        capsys,
+        tmp_path,
+        "gradient_accumulation_steps=4",
+        needles=("unknown override key 'gradient_accumulation_steps'", "did you mean 'training.gradient_accumulation"),
+    )
 
 
 def test_wrong_type(capsys, tmp_path):
