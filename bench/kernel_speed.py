@@ -1,6 +1,6 @@
 """Kernel speed: each Pallas kernel against its XLA peer, measured in the same process on the same inputs.
 
-    python bench/kernels.py [--only attention|gmm|tpu-roofline] [--quick] [--tune] [--reps 10] [--json OUT]
+    python bench/kernel_speed.py [--only attention|gmm|tpu-roofline] [--quick] [--tune] [--reps 10] [--json OUT]
                             [--tpu v5e v5p v6e] [--seq-lens 1024 ... 32768]
 
 Sections (one function each, registered in SECTIONS; on a GPU the attention and gmm sections run, elsewhere
