@@ -23,7 +23,7 @@ setup(
     include_package_data=False,
     package_data={
         "openr1_jax._configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"],
-        # the embedded default's SentencePiece tokenizer and its tiny benchmark files
-        "openr1_jax.data.embedded": ["tokenizer/*", "benchmarks/*"],
+        # the embedded default's SentencePiece tokenizer, its tiny benchmark files and the pretrained base model
+        "openr1_jax.data.embedded": ["tokenizer/*", "benchmarks/*", "base/*"],
     },
 )

@@ -152,10 +152,10 @@ def test_wheel_contents_and_install(tmp_path):
     yaml = _yaml_texts(src / "configs")
     assert {n for n in names if n.endswith(".yaml")} == {"openr1_jax/_configs/" + rel for rel in yaml}
     assert not [n for n in names if n.split("/")[0] in ("kernels", "configs")]
-    tokenizer = {
-        "openr1_jax/data/embedded/tokenizer/" + p.name for p in (src / "openr1_jax/data/embedded/tokenizer").iterdir()
-    }
-    assert tokenizer <= names, "the embedded default's tokenizer must ship in the wheel"
+    for folder in ("tokenizer", "base"):
+        here = src / "openr1_jax/data/embedded" / folder
+        shipped = {f"openr1_jax/data/embedded/{folder}/{p.name}" for p in here.iterdir()}
+        assert shipped <= names, f"the embedded default's {folder} must ship in the wheel"
     assert top_level == {"openr1_jax", "openr1_jax_kernels"}
 
     scripts = configparser.ConfigParser()

@@ -107,12 +107,14 @@ def _check_writable(path: Path) -> None:
 
 
 def _load_engine(cfg: EvaluateConfig):
+    from openr1_jax.data.embedded.base_model import resolve_model_path
     from openr1_jax.generate import Engine
 
-    if not Path(cfg.model.name_or_path).expanduser().exists():
+    path = resolve_model_path(cfg.model.name_or_path)
+    if not path.exists():
         raise UserError(f"model '{cfg.model.name_or_path}' does not exist (model.name_or_path)")
     engine = Engine.from_pretrained(
-        str(Path(cfg.model.name_or_path).expanduser()),
+        str(path),
         tokenizer=cfg.model.tokenizer,
         dtype=cfg.model.dtype,
         model_overrides=cfg.model.model_overrides,

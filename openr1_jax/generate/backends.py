@@ -52,14 +52,16 @@ def make_backend(cfg: GenerateConfig) -> EngineBackend | OpenAIBackend:
 # ----------------------------------------------------------------------------------------------------------
 class EngineBackend:
     def __init__(self, cfg: GenerateConfig):
+        from openr1_jax.data.embedded.base_model import resolve_model_path
         from openr1_jax.generate import Engine, SamplingParams
 
         ec = cfg.engine
-        if not os.path.exists(os.path.expanduser(ec.model)):
+        self.model_path = resolve_model_path(ec.model)
+        if not self.model_path.exists():
             raise UserError(f"engine.model '{ec.model}' does not exist: train one with `openr1-jax sft` or set it")
         self.cfg = cfg
         self.engine = Engine.from_pretrained(
-            os.path.expanduser(ec.model),
+            self.model_path,
             tokenizer=ec.tokenizer,
             dtype=ec.dtype,
             model_overrides=ec.model_overrides,
@@ -87,7 +89,7 @@ class EngineBackend:
 
     def identity(self) -> dict[str, Any]:
         ec = self.cfg.engine
-        return {"backend": "engine", "model": os.path.abspath(os.path.expanduser(ec.model)), "dtype": ec.dtype}
+        return {"backend": "engine", "model": str(self.model_path.absolute()), "dtype": ec.dtype}
 
     def run(self, rows: Iterable[PromptRow]) -> Iterator[list[tuple[PromptRow, Generated]]]:
         rows = iter(rows)

@@ -515,7 +515,10 @@ def load_tokenizer_for(path: str | Path, tokenizer=None):
         from openr1_jax.data import embedded
 
         tokenizer = embedded.TOKENIZER_DIR
-    candidates = [Path(tokenizer)] if tokenizer is not None else [Path(path), Path(path) / "hf"]
+    from openr1_jax.data.embedded.base_model import resolve_model_path
+
+    path = resolve_model_path(path)
+    candidates = [Path(tokenizer)] if tokenizer is not None else [path, path / "hf"]
     for folder in candidates:
         if (folder / "tokenizer_config.json").is_file():
             try:

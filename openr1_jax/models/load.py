@@ -24,7 +24,7 @@ def load_model(
 ) -> CausalLM:
     """Load a model for inference or training.
 
-    path: a Hugging Face folder (config.json + safetensors) or an openr1-jax checkpoint folder.
+    path: a Hugging Face folder (config.json + safetensors), an openr1-jax checkpoint folder, or `embedded:base`.
     dtype: compute dtype; param_dtype: storage dtype of the parameters (default: same as dtype).
     mesh: place every parameter on this mesh according to its logical axes.
     overrides: ModelConfig fields that do not change the parameters (e.g. attention_impl="xla", moe_impl="dense").
@@ -32,9 +32,10 @@ def load_model(
     from openr1_jax.convert import checkpoint as ckpt
     from openr1_jax.convert.hf_to_jax import iter_params, plan_conversion, read_hf_config
     from openr1_jax.convert.safetensors_io import SafetensorsReader
+    from openr1_jax.data.embedded.base_model import resolve_model_path
     from openr1_jax.sharding.rules import named_sharding
 
-    path = Path(path)
+    path = resolve_model_path(path)
     param_dtype = param_dtype or dtype
     if not path.exists():
         raise UserError(f"model path {path} does not exist")

@@ -60,9 +60,10 @@ def resolve_model(section: ModelSection) -> tuple[ModelConfig, Path | None]:
     """(model config, folder to load weights from or None for a random init)."""
     from openr1_jax.convert import checkpoint as ckpt
     from openr1_jax.convert.hf_to_jax import read_hf_config
+    from openr1_jax.data.embedded.base_model import resolve_model_path
     from openr1_jax.models.presets import load_model_config
 
-    path = Path(section.name_or_path).expanduser()
+    path = resolve_model_path(section.name_or_path)
     if path.is_dir():
         if ckpt.is_checkpoint(path):
             cfg = ckpt.read_config(path)

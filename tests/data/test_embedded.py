@@ -92,6 +92,33 @@ def test_traces_are_correct_arithmetic():
     assert task.trace_lines(5, 98) == ["5+8+0=13", "0+9+1=10"]  # shorter operands are zero-padded
 
 
+def test_the_flawed_teacher_forgets_carries_consistently_and_keeps_the_true_answer():
+    assert task.trace_lines(57, 68, forget_carry=True) == ["7+8+0=15", "5+6+0=11"]
+    assert task.solution_text(57, 68, forget_carry=True).endswith("\\boxed{115}")  # the answer the trace spells
+    assert task.solution_text(57, 68) == task.solution_text(57, 68, forget_carry=False)
+    assert task.solution_text(12, 34, forget_carry=True) == task.solution_text(12, 34)  # nothing to carry
+    rows = load_rows("train", 2000, seed=1, forget_carry=0.7)
+    assert [r["problem"] for r in rows] == [r["problem"] for r in load_rows("train", 2000, seed=1)]
+    assert rows[:100] == load_rows("train", 100, seed=1, forget_carry=0.7)  # prefix-stable
+    carrying = [r for r in rows if _carries(r)]
+    wrong = [r for r in carrying if not is_correct(r["messages"][1]["content"], r["answer"])]
+    assert 0.65 < len(wrong) / len(carrying) < 0.75
+    for row in rows:  # the gold columns stay true; every wrong trace is the carry-less one
+        a, b = _operands(row)
+        assert row["answer"] == row["solution"] == str(a + b)
+        assert row["messages"][1]["content"] in (task.solution_text(a, b), task.solution_text(a, b, forget_carry=True))
+    with pytest.raises(UserError, match="forget_carry"):
+        load_rows("train", 4, forget_carry=1.5)
+
+
+def _operands(row: dict) -> tuple[int, int]:
+    return tuple(map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", row["problem"]).groups()))
+
+
+def _carries(row: dict) -> bool:
+    return any(int(line.split("=")[1]) >= 10 for line in task.trace_lines(*_operands(row))[:-1])
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -15,6 +15,12 @@ column sum whose tens digit is the next carry. Every line has the same length, s
 distance from the digits it depends on: a tiny model learns the procedure in minutes instead of memorising
 sums. The answer reads the ones digits bottom-up, led by the last carry when it is 1.
 
+A flawed teacher: `load_rows(..., forget_carry=r)` writes the traces of a share r of the problems as someone who
+forgets to carry would (every carry-in written as 0, the column sums and the boxed answer following from that),
+while the `answer`/`solution` columns keep the true sum. The embedded base model was pretrained on such text
+(`base_model.py`): it has seen the right procedure but mostly imitates the wrong one, which is what RL with a
+verifiable reward then has to fix.
+
 Splits are disjoint by construction: a hash of the unordered operand pair puts every problem (and its
 commuted twin) in exactly one split, and each split draws from its own seeded stream.
 """
@@ -47,23 +53,32 @@ def problem_text(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
 
 
-def trace_lines(a: int, b: int) -> list[str]:
-    """One line `x+y+c=ss` per column, least significant first (operands padded with zeros to equal length)."""
+def trace_lines(a: int, b: int, *, forget_carry: bool = False) -> list[str]:
+    """One line `x+y+c=ss` per column, least significant first (operands padded with zeros to equal length).
+    `forget_carry`: every carry-in is written (and added) as 0, the classic mistake."""
     width = max(len(str(a)), len(str(b)))
     xs, ys = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
     lines, carry = [], 0
     for x, y in zip(xs, ys):
+        carry = 0 if forget_carry else carry
         total = int(x) + int(y) + carry
         lines.append(f"{x}+{y}+{carry}={total:02d}")
         carry = total // 10
     return lines
 
 
-def solution_text(a: int, b: int) -> str:
-    return "<think>\n" + "\n".join(trace_lines(a, b)) + "\n</think>\n\\boxed{" + str(a + b) + "}"
+def trace_answer(lines: list[str]) -> int:
+    """The number a trace spells: the ones digits bottom-up, led by the last column's carry."""
+    sums = [int(line.split("=")[1]) for line in lines]
+    return int("".join(str(s % 10) for s in reversed(sums))) + (sums[-1] // 10) * 10 ** len(sums)
 
 
-def make_row(a: int, b: int) -> dict:
+def solution_text(a: int, b: int, *, forget_carry: bool = False) -> str:
+    lines = trace_lines(a, b, forget_carry=forget_carry)
+    return "<think>\n" + "\n".join(lines) + "\n</think>\n\\boxed{" + str(trace_answer(lines)) + "}"
+
+
+def make_row(a: int, b: int, *, forget_carry: bool = False) -> dict:
     problem = problem_text(a, b)
     return {
         "id": f"add-{a}-{b}",
@@ -72,9 +87,16 @@ def make_row(a: int, b: int) -> dict:
         "solution": str(a + b),  # the gold answer under the column name Open-R1's accuracy reward reads
         "messages": [
             {"role": "user", "content": problem},
-            {"role": "assistant", "content": solution_text(a, b)},
+            {"role": "assistant", "content": solution_text(a, b, forget_carry=forget_carry)},
         ],
     }
+
+
+def _forgets(a: int, b: int, seed: int, rate: float) -> bool:
+    """Whether the flawed teacher forgets its carries on (a, b): a hash draw, so it is the same for the same
+    problem and seed however many rows are drawn."""
+    h = int.from_bytes(hashlib.blake2b(f"{seed}:{a}+{b}".encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < rate
 
 
 def max_rows(split: str, digits: int = DIGITS) -> int:
@@ -83,9 +105,12 @@ def max_rows(split: str, digits: int = DIGITS) -> int:
     return int(0.5 * share * (9 * 10 ** (digits - 1)) ** 2)
 
 
-def load_rows(split: str, num: int | None = None, *, seed: int = 0, digits: int = DIGITS) -> list[dict]:
+def load_rows(
+    split: str, num: int | None = None, *, seed: int = 0, digits: int = DIGITS, forget_carry: float = 0.0
+) -> list[dict]:
     """`num` distinct problems of `split` ("train" or "test") with `digits`-digit operands, the same ones for
     the same arguments. A smaller `num` gives a prefix of a larger one, so growing a split never reshuffles it.
+    `forget_carry`: the share of traces written by a teacher that forgets to carry (the gold answer stays true).
     """
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}' of the embedded task: choose one of {', '.join(SPLITS)}")
@@ -94,6 +119,8 @@ def load_rows(split: str, num: int | None = None, *, seed: int = 0, digits: int 
     num = min(DEFAULT_SIZES[split], max_rows(split, digits)) if num is None else num
     if num < 0:
         raise UserError(f"number of rows for split '{split}' must be >= 0, not {num}")
+    if not 0.0 <= forget_carry <= 1.0:
+        raise UserError(f"forget_carry of the embedded task is a share between 0 and 1, not {forget_carry}")
     if num > max_rows(split, digits):
         raise UserError(
             f"split '{split}' of the embedded task with {digits}-digit operands has too few distinct problems "
@@ -107,7 +134,7 @@ def load_rows(split: str, num: int | None = None, *, seed: int = 0, digits: int 
             if (a, b) in seen or split_of(a, b) != split:
                 continue
             seen.add((a, b))
-            rows.append(make_row(a, b))
+            rows.append(make_row(a, b, forget_carry=_forgets(a, b, seed, forget_carry)))
             if len(rows) == num:
                 break
     return rows
