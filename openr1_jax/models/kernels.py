@@ -16,6 +16,7 @@ import functools
 import jax
 from jax.sharding import PartitionSpec
 
+from openr1_jax.models.blocked_matmul import blocked_ragged_dot
 from openr1_jax.sharding.context import current
 from openr1_jax.sharding.rules import partition_spec
 
@@ -70,9 +71,12 @@ def _divides_heads(num_heads: int) -> bool:
 
 def grouped_matmul(x_MxK, w_GxKxN, group_sizes_G, impl: str) -> jax.Array:
     """Rows of x sorted by group times their group's weight (the semantics of `jax.lax.ragged_dot`); called on
-    per-device blocks already (inside the MoE's shard_map) or without a sharding context."""
+    per-device blocks already (inside the MoE's shard_map) or without a sharding context. The XLA path uses
+    `ragged_dot` where XLA lowers it natively (TPU) and the blocked form elsewhere (`blocked_matmul.py`)."""
     if impl in ("ragged", "dense"):
-        return jax.lax.ragged_dot(x_MxK, w_GxKxN, group_sizes_G)
+        return jax.lax.platform_dependent(
+            x_MxK, w_GxKxN, group_sizes_G, tpu=jax.lax.ragged_dot, default=blocked_ragged_dot
+        )
     from openr1_jax_kernels.gmm import gmm
 
     return gmm(x_MxK, w_GxKxN, group_sizes_G, interpret=impl == "pallas_interpret")
