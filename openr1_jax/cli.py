@@ -83,7 +83,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="STAGE.KEY=VALUE",
-        help="overrides of one stage's config: pretrain./sft. (the sft default), grpo./r1zero. (the grpo default)",
+        help="overrides of one stage's config: sft. (the sft default), grpo./r1zero. (the grpo default)",
     )
     return parser
 
