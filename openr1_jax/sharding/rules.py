@@ -26,8 +26,12 @@ DEFAULT_RULES: Rules = (
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
-    ("q_lora", None),
-    ("kv_lora", None),
+    # MLA's latent dims: the input of the up-projections W_UQ [Q, N, H] and W_UKV [K, N, H], whose other dims are
+    # heads (tensor) and head_dim. Without tensor parallelism nothing else would split them: DeepSeek-V3's carry
+    # 3.3B parameters, 6.2 GiB per chip replicated on every chip of a v5p-512. In the down-projections the same
+    # name comes after "embed", which has taken fsdp already, so it stays whole there.
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
     ("experts", "expert"),
     ("expert_mlp", "tensor"),
     ("norm", None),

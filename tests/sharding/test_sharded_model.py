@@ -13,23 +13,24 @@ from openr1_jax.sharding.mesh import MeshConfig, make_mesh
 from openr1_jax.sharding.rules import named_sharding
 from tests.sharding.conftest import loss_and_grads
 
-# Expected layouts: embedding [V, D], lm_head [D, V], routed gate_proj [E, D, F], q_b_proj [Q, N, H].
+# Expected layouts: embedding [V, D], lm_head [D, V], routed gate_proj [E, D, F], q_b_proj [Q, N, H] (the q
+# latent Q over fsdp: never replicated across a data-parallel mesh's fsdp axis).
 MESHES = {
     "data8": (MeshConfig(data=8, fsdp=1), P(None, None), P(None, None), P(None, None, None), P(None, None, None)),
-    "fsdp8": (MeshConfig(fsdp=8), P(None, "fsdp"), P("fsdp", None), P(None, "fsdp", None), P(None, None, None)),
+    "fsdp8": (MeshConfig(fsdp=8), P(None, "fsdp"), P("fsdp", None), P(None, "fsdp", None), P("fsdp", None, None)),
     "fsdp4_tensor2": (
         MeshConfig(fsdp=4, tensor=2),
         P("tensor", "fsdp"),
         P("fsdp", "tensor"),
         P(None, "fsdp", "tensor"),
-        P(None, "tensor", None),
+        P("fsdp", "tensor", None),
     ),
     "expert4_fsdp2": (
         MeshConfig(expert=4, fsdp=2),
         P(None, "fsdp"),
         P("fsdp", None),
         P("expert", "fsdp", None),
-        P(None, None, None),
+        P("fsdp", None, None),
     ),
     "data2_expert2_tensor2": (
         MeshConfig(data=2, fsdp=1, expert=2, tensor=2),
