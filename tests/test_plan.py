@@ -112,12 +112,12 @@ def test_search_ranks_layouts_that_divide_the_slice(no_persistent_cache):
     assert plans[0].step_seconds <= plans[1].step_seconds
 
 
-def test_too_big_names_the_largest_consumer(no_persistent_cache):
-    # 2M x 1024 embedding and head: ~16 GiB of float32 parameters on one v5e chip, Adam twice that.
+def test_too_big_names_what_does_not_fit(no_persistent_cache):
+    # 2M x 1024 embedding and head on a v5e-4: the resident state fits in 16 GiB, the temporaries do not.
     cfg = load_sft_config("default", [*BF16, "model.overrides.vocab_size=2000000", "model.overrides.hidden_size=1024"])
     plan = plan_sft(cfg, "v5e-4", mesh=None)
     assert not plan.fits
-    with pytest.raises(UserError, match=r"SFT train step does not fit on v5e-4 .* the largest part being optimizer"):
+    with pytest.raises(UserError, match=r"SFT train step does not fit on v5e-4 .* XLA ran out of HBM compiling it"):
         check_fits(plan)
 
 
@@ -187,3 +187,30 @@ def test_every_preset(name, no_persistent_cache):
         # 7.6B parameters in bf16 over 8 chips; Adam's two bf16 moments
         assert step.state.params == pytest.approx(7.62e9 * 2 / 8, rel=0.02)
         assert step.state.optimizer == pytest.approx(2 * step.state.params, rel=0.01)
+
+
+def test_a_plan_that_does_not_fit_names_the_compiler_or_the_largest_resident_part():
+    from openr1_jax.plan.estimate import Depth, Plan, ProgramPlan
+    from openr1_jax.plan.topology import parse_topology
+    from openr1_jax.train.aot import StateBytes
+
+    def plan(params: int) -> Plan:
+        program = ProgramPlan(
+            name="train step",
+            tokens=1,
+            state=StateBytes(params=params, optimizer=2 * params, gradients=2 * params),
+            model_flops=1.0,
+            activations=None,
+            total=None,
+            compiled_flops=None,
+            compiled_bytes=None,
+            error="RESOURCE_EXHAUSTED: Ran out of memory on HBM (105.54G of 95.74G).",
+        )
+        return Plan("sft", parse_topology("v5p-512"), {"fsdp": 32}, Depth(61, (5, 6)), (program,), (1.0,), 1)
+
+    # The state fits: the compiler's temporaries are what does not, and the sentence says so.
+    with pytest.raises(UserError, match=r"XLA ran out of HBM compiling it at 5 of 61 layers \(RESOURCE_EXHAUSTED"):
+        check_fits(plan(2**30))
+    # The state alone is more than the chip's 95 GiB: name its largest part.
+    with pytest.raises(UserError, match=r"needs more than 100.00 GiB .* the largest part being optimizer state"):
+        check_fits(plan(20 * 2**30))

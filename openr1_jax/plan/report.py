@@ -66,8 +66,18 @@ def check_fits(plan: Plan) -> None:
     if plan.fits:
         return
     program = plan.peak
+    resident = sum(program.memory_parts().values())
+    if program.total is None and resident <= plan.topology.chip.hbm_bytes:
+        # XLA gave up while compiling, and the resident state alone would fit: its temporaries are what does not
+        depth = plan.depth
+        at = "" if depth.sampled is None else f" at {depth.sampled[0]} of {depth.layers} layers"
+        raise UserError(
+            f"the {plan.recipe.upper()} {program.name} does not fit on {plan.topology.name} with mesh "
+            f"{mesh_text(plan.mesh)}: XLA ran out of HBM compiling it{at} ({program.error.rstrip('.')}); try "
+            "--search, training.gradient_accumulation_steps, remat, a larger slice, or a smaller batch"
+        )
     what, size = plan.largest_consumer()
-    total = "more than the HBM" if program.total is None else gib(program.total)
+    total = f"more than {gib(resident)}" if program.total is None else gib(program.total)
     raise UserError(
         f"the {plan.recipe.upper()} {program.name} does not fit on {plan.topology.name} with mesh "
         f"{mesh_text(plan.mesh)}: it needs {total} per chip against {gib(plan.topology.chip.hbm_bytes)}, the "
