@@ -17,7 +17,7 @@ demo: $(BIN)/python
 # Set up and run the whole test suite (slow tests included), then lint.
 test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2  # two workers: tests/scheduling.py
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

@@ -1,6 +1,7 @@
 """Test session set-up: CPU only, 8 simulated devices, float32 matmuls at full precision, a compile cache."""
 
 import gc
+import importlib.util
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -40,6 +41,15 @@ def no_persistent_cache():
 def pytest_collection_modifyitems(config, items):
     """Tests that compile for TPU ahead of time (they use `no_persistent_cache`) load libtpu into this process;
     they run last, so no CPU compile follows libtpu in the same process (two CI runs crashed inside XLA:CPU's
-    compile and cache-read code after TPU compiles had run earlier in the session)."""
+    compile and cache-read code after TPU compiles had run earlier in the session). Under `pytest -n 2` they are
+    the last units of work (tests/scheduling.py), so a worker that has started on them gets nothing else."""
     tpu = [item for item in items if "no_persistent_cache" in getattr(item, "fixturenames", ())]
     items[:] = [item for item in items if item not in tpu] + tpu
+
+
+if importlib.util.find_spec("xdist") is not None:  # the test extra has it; a bare `pytest` still runs without
+
+    def pytest_xdist_make_scheduler(config, log):
+        from tests.scheduling import FileRunScheduling
+
+        return FileRunScheduling(config, log)
