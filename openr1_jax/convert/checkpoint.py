@@ -63,7 +63,9 @@ def save_params(ckpt_dir: Path, groups: Iterable[dict[str, Any]]) -> None:
     ocp = _ocp()
     target = ckpt_dir / PARAMS_DIR
     # The saves are synchronous, so orbax need not keep its own copy of each host array.
-    with ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False)):
+    context = ocp.Context()
+    context.memory.deepcopy_host_arrays = False  # (option objects passed to Context() are deprecated)
+    with context:
         for group in groups:
             ocp.partial.save(target, to_nested(group))
             del group  # else it stays alive while the generator builds the next one
