@@ -233,8 +233,22 @@ def gmm_section(args, tuned):
     return rows
 
 
-def _fastest(results):
-    """The candidate with the lowest time; the first (the default) if none ran."""
+# Triton tilings tried by `--tune` (GPU): the attention backward's (block_q_dq, block_k_dq, block_q_dkv,
+# block_k_dkv, warps, stages) and the gmm's (tm, tk, tn, warps, stages, group_m).
+BACKWARD_BLOCKS = [(64, 64, 64, 64, 4, 3), (64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 2), (64, 32, 32, 64, 4, 2),
+                   (128, 32, 32, 128, 8, 2)]  # fmt: skip
+GMM_TILES = [(128, 64, 256, 8, 3, 8), (128, 64, 128, 4, 4, 8), (128, 64, 256, 8, 4, 8), (128, 64, 256, 8, 3, 16),
+             (128, 32, 256, 8, 4, 8), (64, 64, 256, 4, 4, 8), (128, 64, 256, 4, 3, 8)]  # fmt: skip
+
+
+def _fastest(label: str, candidates: list, time_one) -> object:
+    """Times `time_one(candidate) -> (ms, error)` for each candidate and returns the fastest; the first (the
+    default) if none ran."""
+    results = []
+    for cand in candidates:
+        ms, err = time_one(cand)
+        results.append((ms, cand))
+        print(f"tune {label} {cand}: {ms} {err or ''}", flush=True)
     ran = [r for r in results if r[0]]
     return min(ran, key=lambda r: r[0])[1] if ran else results[0][1]
 
@@ -244,29 +258,25 @@ def tune_attention(args):
     B, T, dims = 2, 8192, ATTENTION_SHAPES["mla"]
     q, k, v, seg, do = _attention_inputs(B, T, **dims)
     scale = dims["H"] ** -0.5
-    BS = fa_gpu.BlockSizes
-    results = []
-    for bq, bk, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]:
-        cand = BS(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
-        ms, err = attempt(_attention_fns("pallas", scale, cand)[0], q, k, v, seg, reps=5)
-        results.append((ms, cand))
-        print(f"tune attention fwd {cand}: {ms} {err or ''}", flush=True)
-    fwd = _fastest(results)
-    results = []
-    for dq_q, dq_k, kv_q, kv_k, w, s in [
-        (64, 64, 64, 64, 4, 3),
-        (64, 64, 64, 64, 4, 2),
-        (128, 64, 64, 128, 8, 2),
-        (64, 32, 32, 64, 4, 2),
-        (128, 32, 32, 128, 8, 2),
-    ]:
-        cand = dataclasses.replace(
+    forward = [
+        fa_gpu.BlockSizes(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
+        for bq, bk, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
+    ]
+    fwd = _fastest(
+        "attention fwd", forward, lambda c: attempt(_attention_fns("pallas", scale, c)[0], q, k, v, seg, reps=5)
+    )
+    backward = [
+        dataclasses.replace(
             fwd, block_q_dq=dq_q, block_k_dq=dq_k, block_q_dkv=kv_q, block_k_dkv=kv_k, num_warps_bwd=w, num_stages_bwd=s
         )
-        ms, err = attempt(_attention_fns("pallas", scale, cand)[1], q, k, v, seg, do, reps=5)
-        results.append((ms, cand))
-        print(f"tune attention fwd+bwd {cand}: {ms} {err or ''}", flush=True)
-    return {"attention": _fastest(results)}
+        for dq_q, dq_k, kv_q, kv_k, w, s in BACKWARD_BLOCKS
+    ]
+    best = _fastest(
+        "attention fwd+bwd",
+        backward,
+        lambda c: attempt(_attention_fns("pallas", scale, c)[1], q, k, v, seg, do, reps=5),
+    )
+    return {"attention": best}
 
 
 def tune_gmm(args):
@@ -274,30 +284,22 @@ def tune_gmm(args):
     tokens, G = 8192, GMM["G"]
     gs = jnp.asarray(_router_group_sizes(tokens, G, GMM["top_k"]))
     lhs, rhs, grad = _gmm_inputs(tokens * GMM["top_k"], GMM["K"], GMM["N"], G)
-    best, results = {}, []
-    for tm, tk, tn, w, s, gm in [
-        (128, 64, 256, 8, 3, 8),
-        (128, 64, 128, 4, 4, 8),
-        (128, 64, 256, 8, 4, 8),
-        (128, 64, 256, 8, 3, 16),
-        (128, 32, 256, 8, 4, 8),
-        (64, 64, 256, 4, 4, 8),
-        (128, 64, 256, 4, 3, 8),
-    ]:
-        cand = gmm_gpu.GmmTiling(tm=tm, tk=tk, tn=tn, num_warps=w, num_stages=s, group_m=gm)
-        fn = jax.jit(lambda x, w_, g, c=cand: gmm_gpu.gmm_gpu(x, w_, g, tiling=c))
-        ms, err = attempt(fn, lhs, rhs, gs, reps=5)
-        results.append((ms, cand))
-        print(f"tune gmm {cand}: {ms} {err or ''}", flush=True)
-    best["gmm"], results = _fastest(results), []
-    for tm, tk, tn, w, s in [(32, 128, 128, 4, 3), (32, 64, 256, 4, 3), (32, 128, 128, 8, 4)]:
-        cand = gmm_gpu.TgmmTiling(tm=tm, tk=tk, tn=tn, num_warps=w, num_stages=s)
-        fn = jax.jit(lambda x, dy, g, c=cand: gmm_gpu.tgmm_gpu(x, dy, g, G, tiling=c))
-        ms, err = attempt(fn, lhs, grad, gs, reps=5)
-        results.append((ms, cand))
-        print(f"tune tgmm {cand}: {ms} {err or ''}", flush=True)
-    best["tgmm"] = _fastest(results)
-    return best
+    gmm_tilings = [
+        gmm_gpu.GmmTiling(tm=tm, tk=tk, tn=tn, num_warps=w, num_stages=s, group_m=gm)
+        for tm, tk, tn, w, s, gm in GMM_TILES
+    ]
+    tgmm_tilings = [
+        gmm_gpu.TgmmTiling(tm=tm, tk=tk, tn=tn, num_warps=w, num_stages=s)
+        for tm, tk, tn, w, s in [(32, 128, 128, 4, 3), (32, 64, 256, 4, 3), (32, 128, 128, 8, 4)]
+    ]
+
+    def time_gmm(c):
+        return attempt(jax.jit(lambda x, w_, g: gmm_gpu.gmm_gpu(x, w_, g, tiling=c)), lhs, rhs, gs, reps=5)
+
+    def time_tgmm(c):
+        return attempt(jax.jit(lambda x, dy, g: gmm_gpu.tgmm_gpu(x, dy, g, G, tiling=c)), lhs, grad, gs, reps=5)
+
+    return {"gmm": _fastest("gmm", gmm_tilings, time_gmm), "tgmm": _fastest("tgmm", tgmm_tilings, time_tgmm)}
 
 
 # ----------------------------------------------------------------------------------------------------------
