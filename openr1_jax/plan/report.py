@@ -62,26 +62,29 @@ def format_plan(plan: Plan) -> str:
 
 
 def check_fits(plan: Plan) -> None:
-    """One sentence naming the largest consumer when the plan does not fit."""
+    """One sentence when the plan does not fit: that XLA ran out of HBM compiling it (when the resident state alone
+    would fit), else the total against the HBM and the largest part."""
     if plan.fits:
         return
-    program = plan.peak
+    program, hbm = plan.peak, plan.topology.chip.hbm_bytes
+    head = (
+        f"the {plan.recipe.upper()} {program.name} does not fit on {plan.topology.name} with mesh "
+        f"{mesh_text(plan.mesh)}"
+    )
     resident = sum(program.memory_parts().values())
-    if program.total is None and resident <= plan.topology.chip.hbm_bytes:
+    if program.total is None and resident <= hbm:
         # XLA gave up while compiling, and the resident state alone would fit: its temporaries are what does not
         depth = plan.depth
         at = "" if depth.sampled is None else f" at {depth.sampled[0]} of {depth.layers} layers"
         raise UserError(
-            f"the {plan.recipe.upper()} {program.name} does not fit on {plan.topology.name} with mesh "
-            f"{mesh_text(plan.mesh)}: XLA ran out of HBM compiling it{at} ({program.error.rstrip('.')}); try "
-            "--search, training.gradient_accumulation_steps, remat, a larger slice, or a smaller batch"
+            f"{head}: XLA ran out of HBM compiling it{at} ({program.error.rstrip('.')}); try --search, "
+            "training.gradient_accumulation_steps, remat, a larger slice, or a smaller batch"
         )
     what, size = plan.largest_consumer()
     total = f"more than {gib(resident)}" if program.total is None else gib(program.total)
     raise UserError(
-        f"the {plan.recipe.upper()} {program.name} does not fit on {plan.topology.name} with mesh "
-        f"{mesh_text(plan.mesh)}: it needs {total} per chip against {gib(plan.topology.chip.hbm_bytes)}, the "
-        f"largest part being {what} ({gib(size)} per chip); try --search, a larger slice, remat, or a smaller batch"
+        f"{head}: it needs {total} per chip against {gib(hbm)}, the largest part being {what} ({gib(size)} per "
+        "chip); try --search, a larger slice, remat, or a smaller batch"
     )
 
 
