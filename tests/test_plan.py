@@ -22,6 +22,7 @@ from openr1_jax.plan import (
     run_plan,
     search,
 )
+from openr1_jax.plan.report import presets_table
 from openr1_jax.rl.config import load_grpo_config
 from openr1_jax.train.config import load_sft_config
 from tests.kernels.conftest import needs_libtpu
@@ -211,6 +212,10 @@ def test_a_plan_that_does_not_fit_names_the_compiler_or_the_largest_resident_par
     # The state fits: the compiler's temporaries are what does not, and the sentence says so.
     with pytest.raises(UserError, match=r"XLA ran out of HBM compiling it at 5 of 61 layers \(RESOURCE_EXHAUSTED"):
         check_fits(plan(2**30))
+    # The presets table says the same in its memory column.
+    assert "| v3 | v5p-512 | fsdp=32 | compiler out of HBM at 5 of 61 layers | no | - | - | - |" in presets_table(
+        [("v3", plan(2**30))]
+    )
     # The state alone is more than the chip's 95 GiB: name its largest part.
     with pytest.raises(UserError, match=r"needs more than 100.00 GiB .* the largest part being optimizer state"):
         check_fits(plan(20 * 2**30))

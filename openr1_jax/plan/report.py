@@ -61,6 +61,12 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _at_depth(plan: Plan) -> str:
+    """Where a sampled-depth compile stopped, e.g. ' at 5 of 61 layers' (the shallower sample); '' at full depth."""
+    depth = plan.depth
+    return "" if depth.sampled is None else f" at {depth.sampled[0]} of {depth.layers} layers"
+
+
 def check_fits(plan: Plan) -> None:
     """One sentence when the plan does not fit: that XLA ran out of HBM compiling it (when the resident state alone
     would fit), else the total against the HBM and the largest part."""
@@ -74,10 +80,8 @@ def check_fits(plan: Plan) -> None:
     resident = sum(program.memory_parts().values())
     if program.total is None and resident <= hbm:
         # XLA gave up while compiling, and the resident state alone would fit: its temporaries are what does not
-        depth = plan.depth
-        at = "" if depth.sampled is None else f" at {depth.sampled[0]} of {depth.layers} layers"
         raise UserError(
-            f"{head}: XLA ran out of HBM compiling it{at} ({program.error.rstrip('.')}); try --search, "
+            f"{head}: XLA ran out of HBM compiling it{_at_depth(plan)} ({program.error.rstrip('.')}); try --search, "
             "training.gradient_accumulation_steps, remat, a larger slice, or a smaller batch"
         )
     what, size = plan.largest_consumer()
@@ -104,7 +108,10 @@ def presets_table(rows: list[tuple[str, Plan]]) -> str:
     for name, p in rows:
         t = p.step_seconds
         speed = ["-"] * 3 if t is None else [_seconds(t), f"{100 * p.mfu:.0f}%", f"{p.tokens_per_sec_per_chip:.0f}"]
-        total = f"{gib(p.peak.total)} of {gib(p.topology.chip.hbm_bytes)}"
+        if p.peak.total is None:
+            total = f"compiler out of HBM{_at_depth(p)}"
+        else:
+            total = f"{gib(p.peak.total)} of {gib(p.topology.chip.hbm_bytes)}"
         out.append(
             f"| {name} | {p.topology.name} | {mesh_text(p.mesh)} | {total} | {'yes' if p.fits else 'no'} | "
             + " | ".join(speed)
