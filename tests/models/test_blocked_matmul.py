@@ -35,7 +35,7 @@ def _value_and_grads(block, x, w, gs, dy):
     return y, loss, *grads
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(sizes=group_sizes(), block=st.sampled_from([1, 4, 8, 64]), seed=st.integers(0, 2**16))
 def test_blocked_equals_ragged_dot_forward_and_gradients(sizes, block, seed):
     rng = np.random.default_rng(seed)
