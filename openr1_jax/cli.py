@@ -67,7 +67,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--depth",
         choices=("auto", "full", "sampled"),
         default="auto",
-        help="compile every layer (full), or two shallow depths and extrapolate (sampled; auto: when > 8 layers)",
+        help="full: compile every layer; sampled: two shallow depths, extrapolated (quick, memory rough); "
+        "auto: full up to 64 layers",
     )
     plan.add_argument("--presets", action="store_true", help="plan every preset and print a Markdown table")
 

@@ -4,7 +4,8 @@
                     the shardings of the abstract state (no compile needed)
   activations       everything else the compiled program holds at its peak (temporaries beyond the gradients)
   total             arguments + outputs + temporaries - donated, plus state resident outside this program
-                    (GRPO keeps the optimizer state in HBM while it samples), against the chip's HBM
+                    (GRPO keeps the optimizer state in HBM while it samples), against the chip's HBM; when the
+                    compiler runs out of HBM it still says how much it needed: the state plus its temporaries
   step time         max(FLOPs / peak FLOP/s, compiled bytes / HBM bandwidth), FLOPs the larger of the compiled
                     and the model count (Pallas kernels show the compiler only their declared estimates)
   MFU               model FLOPs (train/flops.py's 6N + attention count) over that time at peak
@@ -12,10 +13,12 @@
 The roofline ignores collectives and assumes every op runs at the chip's peak or at its bandwidth: an
 optimistic bound, useful to compare layouts and to catch what cannot work, not a promise.
 
-Deep models compile slowly (the layers are unrolled), so by default models deeper than `FULL_DEPTH_LAYERS`
-are compiled at two shallow depths and every compiled quantity (FLOPs, bytes, peak memory) is extrapolated
-linearly in the number of layers - exact for what repeats per layer (each layer adds the same parameters,
-optimizer state, activations and work), checked against full-depth compiles in tests/test_plan.py.
+Every model up to `FULL_DEPTH_LAYERS` deep (all the presets) is compiled at its full depth: DeepSeek-V3's 61
+unrolled layers take libtpu about 6 minutes and 12 GB of host memory on a 2-core machine. `--depth sampled`
+compiles two shallow depths instead and extrapolates every compiled quantity (FLOPs, bytes, peak memory) linearly
+in the number of layers: quick, right for FLOPs and bytes, but rough for memory, since XLA's scheduler keeps more
+alive across many unrolled layers than across two (V3 at 4 micro-batches: 129 GiB of activations extrapolated
+from 5 and 6 layers, 197 GiB compiled at 61).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from openr1_jax.models.config import ModelConfig
 from openr1_jax.plan.topology import Topology
 from openr1_jax.train.aot import CompiledStep, StateBytes, StepTooLarge
 
-FULL_DEPTH_LAYERS = 8
+FULL_DEPTH_LAYERS = 64
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class ProgramPlan:
     name: str
     tokens: int  # tokens one call processes, all chips together
     state: StateBytes  # per chip, full depth
-    activations: int | None  # None: the compiler ran out of memory before it could say
+    activations: int | None  # None: the compiler ran out of memory without a figure (or at a sampled depth)
     total: int | None
     compiled_flops: float | None  # per chip per call
     compiled_bytes: float | None
@@ -133,8 +136,15 @@ def compile_program(
             flops = extrapolate(lambda s: s.flops)
             nbytes = extrapolate(lambda s: s.bytes_accessed)
     except StepTooLarge as e:
+        activations = total = None
+        if depth.sampled is None and e.temporaries is not None:
+            # The compiler's figure for the whole program: its temporaries (the fp32 gradients among them) on
+            # top of the state the program takes as arguments. No cost analysis comes with it.
+            activations = max(e.temporaries - state.gradients, 0)
+            total = state.params + state.optimizer + state.kv_cache + state.reference + e.temporaries
+            total += resident_elsewhere
         return ProgramPlan(
-            **common, activations=None, total=None, compiled_flops=None, compiled_bytes=None, error=str(e)
+            **common, activations=activations, total=total, compiled_flops=None, compiled_bytes=None, error=str(e)
         )
     return ProgramPlan(
         **common,
@@ -157,6 +167,7 @@ class Plan:
     calls_per_step: tuple[float, ...]  # per optimizer step, aligned with programs
     train_tokens_per_step: int  # tokens trained on per optimizer step, all chips
     generated_tokens_per_step: int = 0  # GRPO: tokens sampled per optimizer step
+    notes: tuple[str, ...] = ()  # what the reader should know about these numbers
 
     @property
     def fits(self) -> bool:

@@ -58,6 +58,7 @@ def format_plan(plan: Plan) -> str:
         if plan.generated_tokens_per_step:
             sampled = plan.generated_tokens_per_step / plan.step_seconds / topo.chips
             lines[-1] += f", {sampled:.0f} sampled"
+    lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
@@ -68,8 +69,9 @@ def _at_depth(plan: Plan) -> str:
 
 
 def check_fits(plan: Plan) -> None:
-    """One sentence when the plan does not fit: that XLA ran out of HBM compiling it (when the resident state alone
-    would fit), else the total against the HBM and the largest part."""
+    """One sentence when the plan does not fit: the total against the HBM and the largest part (the total being
+    XLA's figure when it ran out of HBM compiling the step); that XLA ran out of HBM compiling it, where it gave no
+    figure and the resident state alone would fit; else the resident state and its largest part."""
     if plan.fits:
         return
     program, hbm = plan.peak, plan.topology.chip.hbm_bytes
@@ -78,6 +80,14 @@ def check_fits(plan: Plan) -> None:
         f"{mesh_text(plan.mesh)}"
     )
     resident = sum(program.memory_parts().values())
+    if program.total is not None and program.error:
+        # XLA gave up compiling, and said how many temporaries it needed: the total is its figure
+        what, size = plan.largest_consumer()
+        raise UserError(
+            f"{head}: it needs {gib(program.total)} per chip against {gib(hbm)} (XLA's figure when it ran out of "
+            f"HBM compiling it), the largest part being {what} ({gib(size)} per chip); try --search, "
+            "training.gradient_accumulation_steps, remat, a larger slice, or a smaller batch"
+        )
     if program.total is None and resident <= hbm:
         # XLA gave up while compiling, and the resident state alone would fit: its temporaries are what does not
         raise UserError(
@@ -112,6 +122,8 @@ def presets_table(rows: list[tuple[str, Plan]]) -> str:
             total = f"compiler out of HBM{_at_depth(p)}"
         else:
             total = f"{gib(p.peak.total)} of {gib(p.topology.chip.hbm_bytes)}"
+            if p.peak.error:  # the compiler ran out of HBM and said how much it needed
+                total += " (XLA's figure)"
         out.append(
             f"| {name} | {p.topology.name} | {mesh_text(p.mesh)} | {total} | {'yes' if p.fits else 'no'} | "
             + " | ".join(speed)

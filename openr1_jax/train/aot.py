@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import jax
@@ -62,11 +63,24 @@ class CompiledStep:
 
 
 class StepTooLarge(Exception):
-    """The compiler ran out of device memory; `state` says what the resident state alone needs per device."""
+    """The compiler ran out of device memory; `state` says what the resident state alone needs per device, and
+    `temporaries` the bytes of temporaries the compiler asked for (None when its message does not say)."""
 
     def __init__(self, message: str, state: StateBytes):
         super().__init__(message)
         self.state = state
+        self.temporaries = compiler_temporaries(message)
+
+
+# libtpu 0.0.42: "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries
+# (41.56G) exceeds available HBM (31.25G)." Its G is 2**30 bytes: a v6e's 32 GiB print as 31.25G available.
+_TEMPORARIES = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
+def compiler_temporaries(message: str) -> int | None:
+    """The temporaries figure of an out-of-HBM compile error, in bytes."""
+    m = _TEMPORARIES.search(message)
+    return None if m is None else int(float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1))
 
 
 def per_device_bytes(tree) -> int:
