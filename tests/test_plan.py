@@ -71,6 +71,19 @@ def test_gradient_accumulation_counts_every_micro_batch(no_persistent_cache):
     assert two.compiled_flops == pytest.approx(one.compiled_flops, rel=0.05)
 
 
+def test_moe_token_chunks_compile_for_tpu_and_the_report_says_what_the_costs_leave_out(no_persistent_cache):
+    """The expert-parallel MoE in token chunks (a rematerialised loop) compiles for a TPU slice, and the report
+    warns that XLA counted one chunk."""
+    from openr1_jax.plan import format_plan
+    from openr1_jax.sharding.mesh import MeshConfig
+
+    cfg = load_sft_config("default", [*TINY, "model.overrides.moe_token_chunks=4"])
+    plan = plan_sft(cfg, "v5e-8", mesh=MeshConfig(fsdp=4, expert=2))
+    assert plan.fits and plan.step_seconds > 0
+    assert "note: the MoE runs its 4 token chunks in a loop" in format_plan(plan)
+    assert plan_sft(load_sft_config("default", TINY), "v5e-8", mesh=MeshConfig(fsdp=4, expert=2)).notes == ()
+
+
 def test_grpo_plan_has_train_rollout_and_reference_programs(no_persistent_cache):
     """The one preset compiled in CI: the embedded GRPO default with a KL term on a v5e-8."""
     plan = plan_preset("embedded-grpo-v5e-8")

@@ -120,6 +120,7 @@ class MoEConfig:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     impl: Literal["ragged", "dense", "pallas", "pallas_interpret"] = "ragged"
+    token_chunks: int = 1
 
     @property
     def uses_correction_bias(self) -> bool:
@@ -182,6 +183,9 @@ class ModelConfig:
     # "pallas_interpret": the TPU kernels in the Pallas interpreter on any backend (tests, debugging; slow).
     attention_impl: Literal["xla", "pallas", "pallas_interpret"] = "xla"
     moe_impl: Literal["ragged", "dense", "pallas", "pallas_interpret"] = "ragged"
+    # Expert parallelism: run each device's experts on the gathered tokens in this many chunks, one after the
+    # other (same result; buffers ~chunks times smaller, each chunk streams the local experts' weights again).
+    moe_token_chunks: int = 1
     # Rematerialisation of each decoder block in the backward pass: "full" saves nothing (least memory),
     # "save_dots" keeps matmul outputs without batch dims (recomputes only the cheap element-wise ops).
     remat: Literal["none", "full", "save_dots"] = "none"
@@ -207,6 +211,7 @@ class ModelConfig:
                 f"attention_impl '{self.attention_impl}' is not one of {list(ATTENTION_IMPLS)}",
             ),
             (self.moe_impl in MOE_IMPLS, f"moe_impl '{self.moe_impl}' is not one of {list(MOE_IMPLS)}"),
+            (self.moe_token_chunks >= 1, f"moe_token_chunks must be at least 1, got {self.moe_token_chunks}"),
             (
                 self.remat in ("none", "full", "save_dots"),
                 f"remat '{self.remat}' is not one of ['none', 'full', 'save_dots']",
@@ -338,6 +343,7 @@ class ModelConfig:
             norm_topk_prob=self.norm_topk_prob,
             routed_scaling_factor=self.routed_scaling_factor,
             impl=self.moe_impl,
+            token_chunks=self.moe_token_chunks,
         )
 
     # --- overrides, dict and HF conversion -------------------------------------------------------------

@@ -112,6 +112,7 @@ class RoutedExperts(nnx.Module):
                 rules=rules,
                 dtype=self.dtype,
                 impl=self.cfg.impl,
+                token_chunks=self.cfg.token_chunks,
             )
         return self.ragged(x_TxD, gates_TxK, experts_TxK)
 
