@@ -120,6 +120,7 @@ def compile_program(
     state of the full model; `resident_elsewhere` is HBM held outside this program (counted in the total)."""
     state = state_at(model_cfg)
     common = dict(name=name, tokens=tokens, state=state, model_flops=model_flops)
+    error = None
     try:
         if depth.sampled is None:
             step = compile_at(model_cfg)
@@ -136,22 +137,23 @@ def compile_program(
             flops = extrapolate(lambda s: s.flops)
             nbytes = extrapolate(lambda s: s.bytes_accessed)
     except StepTooLarge as e:
-        activations = total = None
-        if depth.sampled is None and e.temporaries is not None:
-            # The compiler's figure for the whole program: its temporaries (the fp32 gradients among them) on
-            # top of the state the program takes as arguments. No cost analysis comes with it.
-            activations = max(e.temporaries - state.gradients, 0)
-            total = state.params + state.optimizer + state.kv_cache + state.reference + e.temporaries
-            total += resident_elsewhere
-        return ProgramPlan(
-            **common, activations=activations, total=total, compiled_flops=None, compiled_bytes=None, error=str(e)
-        )
+        error = str(e)
+        if depth.sampled is not None or e.temporaries is None:
+            return ProgramPlan(
+                **common, activations=None, total=None, compiled_flops=None, compiled_bytes=None, error=error
+            )
+        # The compiler's figure for the whole program: its temporaries (the fp32 gradients among them) on top of
+        # the state the program takes as arguments. No cost analysis comes with it.
+        temp = e.temporaries
+        peak = state.params + state.optimizer + state.kv_cache + state.reference + temp
+        flops = nbytes = None
     return ProgramPlan(
         **common,
         activations=max(int(temp) - state.gradients, 0),
         total=int(peak) + resident_elsewhere,
-        compiled_flops=float(flops),
-        compiled_bytes=float(nbytes),
+        compiled_flops=None if flops is None else float(flops),
+        compiled_bytes=None if nbytes is None else float(nbytes),
+        error=error,
     )
 
 

@@ -80,25 +80,21 @@ def check_fits(plan: Plan) -> None:
         f"{mesh_text(plan.mesh)}"
     )
     resident = sum(program.memory_parts().values())
-    if program.total is not None and program.error:
-        # XLA gave up compiling, and said how many temporaries it needed: the total is its figure
-        what, size = plan.largest_consumer()
-        raise UserError(
-            f"{head}: it needs {gib(program.total)} per chip against {gib(hbm)} (XLA's figure when it ran out of "
-            f"HBM compiling it), the largest part being {what} ({gib(size)} per chip); try --search, "
-            "training.gradient_accumulation_steps, remat, a larger slice, or a smaller batch"
-        )
+    compiler_hint = "try --search, training.gradient_accumulation_steps, remat, a larger slice, or a smaller batch"
     if program.total is None and resident <= hbm:
         # XLA gave up while compiling, and the resident state alone would fit: its temporaries are what does not
         raise UserError(
-            f"{head}: XLA ran out of HBM compiling it{_at_depth(plan)} ({program.error.rstrip('.')}); try --search, "
-            "training.gradient_accumulation_steps, remat, a larger slice, or a smaller batch"
+            f"{head}: XLA ran out of HBM compiling it{_at_depth(plan)} ({program.error.rstrip('.')}); {compiler_hint}"
         )
     what, size = plan.largest_consumer()
     total = f"more than {gib(resident)}" if program.total is None else gib(program.total)
+    if program.total is not None and program.error:  # XLA gave up compiling, and said how much it needed
+        against, hint = f"{gib(hbm)} (XLA's figure when it ran out of HBM compiling it)", compiler_hint
+    else:
+        against, hint = gib(hbm), "try --search, a larger slice, remat, or a smaller batch"
     raise UserError(
-        f"{head}: it needs {total} per chip against {gib(hbm)}, the largest part being {what} ({gib(size)} per "
-        "chip); try --search, a larger slice, remat, or a smaller batch"
+        f"{head}: it needs {total} per chip against {against}, the largest part being {what} ({gib(size)} per "
+        f"chip); {hint}"
     )
 
 
