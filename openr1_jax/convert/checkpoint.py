@@ -136,11 +136,13 @@ def save_model(
     model, out_dir: str | Path, *, overwrite: bool = False, group_bytes: int = 1 << 30, tokenizer=None
 ) -> None:
     """Write a model (config + parameters) as an openr1-jax checkpoint, atomically; a tokenizer given goes to
-    hf/ (where `generate`, `evaluate` and `serve` look for it, and `jax-to-hf` carries it from)."""
+    hf/ (where `generate`, `evaluate` and `serve` look for it, and `jax-to-hf` carries it from). Parameters are
+    stored one entry per layer whether or not the model scans its layers (`load_model` stacks them again)."""
     from openr1_jax.fileio import atomic_dir
     from openr1_jax.models.params import flat_variables
+    from openr1_jax.models.scan import unstack_flat
 
-    arrays = {name: var.value for name, var in flat_variables(model).items()}
+    arrays = unstack_flat({name: var.value for name, var in flat_variables(model).items()}, model.config)
     with atomic_dir(out_dir, overwrite=overwrite, all_processes=True) as tmp:
         if jax.process_index() == 0:
             write_config(tmp, model.config)

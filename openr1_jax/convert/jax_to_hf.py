@@ -34,7 +34,8 @@ def convert_jax_to_hf(
     ckpt_dir = Path(ckpt_dir)
     cfg = ckpt.read_config(ckpt_dir)
     meta = ckpt.param_metadata(ckpt_dir)
-    expected = {p: tuple(v.value.shape) for p, v in flat_variables(abstract_model(cfg)).items()}
+    per_layer = cfg.replace(scan_layers=False)  # checkpoints store one entry per layer
+    expected = {p: tuple(v.value.shape) for p, v in flat_variables(abstract_model(per_layer)).items()}
     missing = sorted(set(expected) - set(meta))
     if missing:
         raise UserError(f"checkpoint {ckpt_dir} lacks parameter '{missing[0]}' that its model_config.json implies")

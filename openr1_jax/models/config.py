@@ -189,6 +189,11 @@ class ModelConfig:
     # Rematerialisation of each decoder block in the backward pass: "full" saves nothing (least memory),
     # "save_dots" keeps matmul outputs without batch dims (recomputes only the cheap element-wise ops).
     remat: Literal["none", "full", "save_dots"] = "none"
+    # Scanned layers (MaxText's scan_layers): consecutive alike decoder layers (DeepSeek: the dense ones, then
+    # the MoE ones) store their parameters stacked [L, ...] and training runs them in one `jax.lax.scan`. XLA
+    # compiles one layer instead of L (compile time and memory no longer grow with depth past one layer's
+    # working set). Checkpoints converted from Hugging Face keep one entry per layer; loading stacks them.
+    scan_layers: bool = False
     initializer_range: float = 0.02
     extra_hf: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -268,6 +273,16 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         """DeepSeek: layers [0, first_k_dense_replace) are dense; the MTP layers count on from num_hidden_layers."""
         return self.is_moe and layer >= self.first_k_dense_replace
+
+    def layer_groups(self) -> list[range]:
+        """The decoder layers as runs of alike layers (same FFN kind), in order: what `scan_layers` stacks."""
+        groups: list[range] = []
+        first = 0
+        for i in range(1, self.num_hidden_layers + 1):
+            if i == self.num_hidden_layers or self.is_moe_layer(i) != self.is_moe_layer(first):
+                groups.append(range(first, i))
+                first = i
+        return groups
 
     # --- per-layer configs ----------------------------------------------------------------------------
     def rope_config(self) -> RopeConfig:

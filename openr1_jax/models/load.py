@@ -12,6 +12,7 @@ import numpy as np
 from openr1_jax.errors import UserError
 from openr1_jax.models.config import ModelConfig
 from openr1_jax.models.params import abstract_model, assign, flat_variables, logical_axes
+from openr1_jax.models.scan import stack_flat
 from openr1_jax.models.transformer import CausalLM
 
 
@@ -49,32 +50,43 @@ def load_model(
             for name, var in flat_variables(model).items()
         }
 
+    def stacked_into(model, flat: dict) -> None:
+        """Fill the model from per-layer arrays (checkpoints and HF folders hold one entry per layer)."""
+        place = shardings(model)
+
+        def stack(name, arrays):
+            return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=place[name])(*arrays)
+
+        assign(model, stack_flat(flat, model.config, stack))
+
     if ckpt.is_checkpoint(path):
         cfg = ckpt.read_config(path).replace(**overrides)
         model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
+        per_layer = abstract_model(cfg.replace(scan_layers=False), dtype=dtype, param_dtype=param_dtype)
         targets = {
             name: jax.ShapeDtypeStruct(
                 var.value.shape,
                 var.value.dtype,
                 sharding=sh or jax.sharding.SingleDeviceSharding(jax.devices()[0]),
             )
-            for (name, var), sh in zip(flat_variables(model).items(), shardings(model).values())
+            for (name, var), sh in zip(flat_variables(per_layer).items(), shardings(per_layer).values())
         }
-        assign(model, ckpt.load_params(path, targets))
+        stacked_into(model, ckpt.load_params(path, targets))
         return model
 
     read_hf_config(path)
     with SafetensorsReader(path) as reader:
         cfg, plans = plan_conversion(path, reader)
         model = abstract_model(cfg.replace(**overrides), dtype=dtype, param_dtype=param_dtype)
-        variables = flat_variables(model)
-        place = shardings(model)
+        per_layer = abstract_model(model.config.replace(scan_layers=False), dtype=dtype, param_dtype=param_dtype)
+        variables = flat_variables(per_layer)
+        place = shardings(per_layer)
         flat = {}
         # float32 first, so fp8 weights are dequantised exactly before the one cast to the parameter dtype.
         for plan, array in iter_params(reader, plans, np.dtype(np.float32)):
             value = jnp.asarray(array, dtype=variables[plan.path].value.dtype)
             flat[plan.path] = jax.device_put(value, place[plan.path]) if mesh is not None else value
-    assign(model, flat)
+    stacked_into(model, flat)
     return model
 
 

@@ -3,7 +3,9 @@ DeepSeek-V3 MTP modules. One class serves DeepSeek-V3/V2 (MLA, DeepSeekMoE) and 
 
 Activations are constrained at block boundaries (a no-op without a sharding context): the residual stream
 [B, T, D] to ("batch", None, None), logits to ("batch", None, "vocab"). `config.remat` wraps each decoder
-block (and MTP module) in `nnx.remat` with the chosen policy.
+block (and MTP module) in `nnx.remat` with the chosen policy. `config.scan_layers` stores each run of alike
+layers stacked (`layer_stacks`, see `models/scan.py`) and runs it as one `lax.scan`; without it the layers
+are a list (`layers`) unrolled in the program.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from openr1_jax.models.mla import MLA
 from openr1_jax.models.moe import MoE
 from openr1_jax.models.mtp import MTPModule, shift_left
 from openr1_jax.models.rope import rope_cos_sin
+from openr1_jax.models.scan import block_at, scan_blocks, stack_blocks, stack_unroll
 from openr1_jax.sharding.context import constrain
 
 RESIDUAL = ("batch", None, None)
@@ -91,7 +94,12 @@ class CausalLM(nnx.Module):
         attn = config.attention_config()
         self.rope = attn.rope
         self.embed = Embed(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nnx.List([self._block(i, attn, kw) for i in range(config.num_hidden_layers)])
+        if config.scan_layers:
+            self.layer_stacks = nnx.List(
+                [stack_blocks([self._block(i, attn, kw) for i in group]) for group in config.layer_groups()]
+            )
+        else:
+            self.layers = nnx.List([self._block(i, attn, kw) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Linear("BTD,DV->BTV", (config.hidden_size, config.vocab_size), ("embed", "vocab"), **kw)
@@ -111,18 +119,30 @@ class CausalLM(nnx.Module):
         ffn = self.config.moe_config() if self.config.is_moe_layer(index) else self.config.mlp_config()
         return DecoderBlock(attn, ffn, self.config.rms_norm_eps, **kw)
 
+    def decoder_layers(self) -> list[DecoderBlock]:
+        """Every decoder layer in order, as a module (for a scanned model: views of the stacked variables)."""
+        if not self.config.scan_layers:
+            return list(self.layers)
+        return [
+            block_at(stack, i)
+            for stack, group in zip(self.layer_stacks, self.config.layer_groups())
+            for i in range(len(group))
+        ]
+
     def head(self, h_BxTxD: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
             return constrain(self.embed.attend(h_BxTxD), LOGITS)
         return constrain(self.lm_head(h_BxTxD), LOGITS)
 
+    def _remat_policy(self):
+        # "full": no policy = nothing saveable, everything inside the block is recomputed in the backward pass.
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.config.remat == "save_dots" else None
+
     def _remat(self, fn):
         """`fn(module, *args)` under `nnx.remat` with the configured policy (or as is)."""
         if self.config.remat == "none":
             return fn
-        # "full": no policy = nothing saveable, everything inside the block is recomputed in the backward pass.
-        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.config.remat == "save_dots" else None
-        return nnx.remat(fn, policy=policy, prevent_cse=True)
+        return nnx.remat(fn, policy=self._remat_policy(), prevent_cse=True)
 
     def __call__(
         self,
@@ -142,10 +162,16 @@ class CausalLM(nnx.Module):
             positions = segment_positions(segment_ids)
         cos, sin = rope_cos_sin(positions, self.rope)
 
-        run_block = self._remat(lambda block, x, *rest: constrain(block(x, *rest), RESIDUAL))
         x_BxTxD = constrain(self.embed(input_ids), RESIDUAL)
-        for layer in self.layers:
-            x_BxTxD = run_block(layer, x_BxTxD, cos, sin, segment_ids, token_mask)
+        if self.config.scan_layers:
+            apply = lambda block, x: constrain(block(x, cos, sin, segment_ids, token_mask), RESIDUAL)  # noqa: E731
+            remat = self.config.remat != "none"
+            for k, stack in enumerate(self.layer_stacks):
+                x_BxTxD = scan_blocks(stack, x_BxTxD, apply, self._remat_policy(), remat, stack_unroll(k))
+        else:
+            run_block = self._remat(lambda block, x, *rest: constrain(block(x, *rest), RESIDUAL))
+            for layer in self.layers:
+                x_BxTxD = run_block(layer, x_BxTxD, cos, sin, segment_ids, token_mask)
         h_BxTxD = constrain(self.norm(x_BxTxD), RESIDUAL)
 
         mtp_logits = []
@@ -160,12 +186,14 @@ class CausalLM(nnx.Module):
         return CausalLMOutput(logits=self.head(h_BxTxD), mtp_logits=tuple(mtp_logits), hidden_states=h_BxTxD)
 
     # ------------------------------------------------------------------------------------------------------
-    # Cached generation: prefill a prompt into per-layer caches, then decode a few tokens at a time.
+    # Cached generation: prefill a prompt into per-layer caches, then decode a few tokens at a time. The layers
+    # are unrolled here even when scanned (views of the stacked weights): decode programs are small, and a
+    # per-layer cache tuple keeps the engine's row gathers and slot updates on the batch axis.
     # ------------------------------------------------------------------------------------------------------
     def init_cache(self, batch: int, length: int) -> tuple[LayerCache, ...]:
         """Empty caches of `length` positions for every decoder layer, in the compute dtype."""
         attn = self.config.attention_config()
-        return tuple(init_layer_cache(attn, batch, length, self.dtype) for _ in self.layers)
+        return tuple(init_layer_cache(attn, batch, length, self.dtype) for _ in range(self.config.num_hidden_layers))
 
     def prefill(
         self, input_ids_BxT: jax.Array, lengths_B: jax.Array, caches: tuple[LayerCache, ...]
@@ -180,7 +208,7 @@ class CausalLM(nnx.Module):
         segment_ids_BxT = real_BxT.astype(jnp.int32)
         x_BxTxD = constrain(self.embed(input_ids_BxT), RESIDUAL)
         new_caches = []
-        for layer, cache in zip(self.layers, caches, strict=True):
+        for layer, cache in zip(self.decoder_layers(), caches, strict=True):
             x_BxTxD, cache = layer.prefill(x_BxTxD, cos, sin, segment_ids_BxT, cache, real_BxT)
             new_caches.append(constrain_cache(cache))
             x_BxTxD = constrain(x_BxTxD, RESIDUAL)
@@ -196,7 +224,7 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions_BxT, self.rope)
         x_BxTxD = constrain(self.embed(input_ids_BxT), RESIDUAL)
         new_caches = []
-        for layer, cache in zip(self.layers, caches, strict=True):
+        for layer, cache in zip(self.decoder_layers(), caches, strict=True):
             x_BxTxD, cache = layer.decode(x_BxTxD, cos, sin, cache, start_B)
             new_caches.append(constrain_cache(cache))
             x_BxTxD = constrain(x_BxTxD, RESIDUAL)

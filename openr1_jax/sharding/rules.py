@@ -35,6 +35,7 @@ DEFAULT_RULES: Rules = (
     ("experts", "expert"),
     ("expert_mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned layers: every chip holds its shard of every layer
 )
 
 

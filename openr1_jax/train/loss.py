@@ -63,7 +63,8 @@ def weighted_ce_sum(logits_BxTxV: jax.Array, batch: Batch, depth: int) -> tuple[
 def moe_statistics(intermediates: nnx.State) -> dict[str, dict[str, jax.Array]]:
     """{MoE module path ("layers.1.mlp"): {"expert_load": [E], "balance_loss": scalar}} from sown values.
 
-    A module called several times contributes the sum of its loads and the mean of its balance losses."""
+    A module called several times contributes the sum of its loads and the mean of its balance losses. A stack of
+    scanned layers ("layer_stacks.1.mlp") has one row per layer: expert_load [L, E], balance_loss [L]."""
     stats: dict[str, dict[str, jax.Array]] = {}
     for path, var in nnx.to_flat_state(intermediates):
         name = str(path[-1])
@@ -122,7 +123,11 @@ def sft_loss(
 
     moe = moe_statistics(intermediates)
     balances = [s[BALANCE_LOSS] for s in moe.values() if BALANCE_LOSS in s]
-    balance_loss = jnp.mean(jnp.stack(balances)) * balance_scale if balances else jnp.zeros((), jnp.float32)
+    balance_loss = (
+        jnp.mean(jnp.concatenate([b.ravel() for b in balances])) * balance_scale
+        if balances
+        else jnp.zeros((), jnp.float32)
+    )
     if seq_aux_loss_alpha > 0:
         loss = loss + seq_aux_loss_alpha * balance_loss
 

@@ -146,6 +146,7 @@ def update_router_biases(buffers: dict[str, Any], loads: dict[str, jax.Array], r
     """bias += rate * sign(mean(load) - load) for every router whose MoE module reported a load.
 
     `loads` is keyed by MoE module path ("layers.1.mlp"); the bias sits at "<path>.router.e_score_correction_bias".
+    Scanned layers report one load per layer ([L, E] at "layer_stacks.1.mlp") for their stacked [L, E] bias.
     rate None means the V3 default (0.001) for models that have the bias."""
 
     def update(path, bias):
@@ -155,7 +156,7 @@ def update_router_biases(buffers: dict[str, Any], loads: dict[str, jax.Array], r
             return bias
         load_E = loads[module]
         step_size = DEFAULT_BIAS_UPDATE_RATE if rate is None else rate
-        delta_E = step_size * jnp.sign(load_E.mean() - load_E)
+        delta_E = step_size * jnp.sign(load_E.mean(-1, keepdims=True) - load_E)
         return (bias.astype(jnp.float32) + delta_E).astype(bias.dtype)
 
     return jax.tree_util.tree_map_with_path(update, buffers)
@@ -173,7 +174,7 @@ def expert_load_metrics(loads: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Load imbalance averaged over MoE layers: max/mean (1 = perfectly balanced) and std/mean."""
     if not loads:
         return {}
-    load_LxE = jnp.stack(list(loads.values())).astype(jnp.float32)
+    load_LxE = jnp.concatenate([load.reshape(-1, load.shape[-1]) for load in loads.values()]).astype(jnp.float32)
     mean_L = jnp.maximum(load_LxE.mean(-1), 1e-9)
     return {
         "expert_load_max_over_mean": (load_LxE.max(-1) / mean_L).mean(),

@@ -65,4 +65,12 @@ def test_checkpoint_restores_into_a_mesh(tmp_path):
     sharded = load_model(ckpt, mesh=mesh)
     assert sharded.layers[1].mlp.experts.gate_proj.value.sharding.spec[0] == "expert"
     ids = np.random.RandomState(0).randint(0, 96, (2, 9))
-    np.testing.assert_allclose(np.asarray(sharded(ids).logits), torch_logits(model, ids), atol=1e-4)
+    expected = torch_logits(model, ids)
+    np.testing.assert_allclose(np.asarray(sharded(ids).logits), expected, atol=1e-4)
+
+    # Scanned: the per-layer entries of the checkpoint (and of the HF folder) are stacked on the mesh, the
+    # stacked "layers" axis whole and the rest laid out as before.
+    for source in (ckpt, src):
+        scanned = load_model(source, mesh=mesh, scan_layers=True)
+        assert scanned.layer_stacks[1].mlp.experts.gate_proj.value.sharding.spec[:2] == (None, "expert")
+        np.testing.assert_allclose(np.asarray(scanned(ids).logits), expected, atol=1e-4)

@@ -64,11 +64,15 @@ def _cfg(tmp_path: Path, *extra: str):
     return load_grpo_config("default", [f"output_dir={tmp_path}", *TINY, *extra])
 
 
-def test_trainer_logps_equal_the_samplers(tokenizer, model_cfg):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_trainer_logps_equal_the_samplers(tokenizer, model_cfg, scan_layers):
     """Every rollout token's log-prob as the trainer recomputes it (logits[t] / temperature at token t + 1)
-    equals what the sampler returned, for prompts of different lengths, EOS included; padding is masked."""
+    equals what the sampler returned, for prompts of different lengths, EOS included; padding is masked.
+    Scanned: the trainer's forward pass is a scan over stacked MoE layers, the sampler unrolls them."""
     from openr1_jax.rl.config import GRPOConfig
 
+    if scan_layers:
+        model_cfg = model_cfg.replace(num_hidden_layers=3, scan_layers=True)
     model = build_model(model_cfg, seed=3)
     cfg = GRPOConfig(batch_size=12, num_generations=3, temperature=0.7, max_prompt_length=24, max_completion_length=16)
     engine = Engine(model, tokenizer, max_batch_size=8, max_seq_len=40)

@@ -7,10 +7,14 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from openr1_jax.models.params import build_model
+from openr1_jax.models.presets import load_model_config
+from openr1_jax.models.scan import unstack_flat
 from openr1_jax.sharding.context import sharding_context
-from openr1_jax.sharding.init import create_sharded_model
+from openr1_jax.sharding.init import create_sharded_model, split_model
 from openr1_jax.sharding.mesh import MeshConfig, make_mesh
 from openr1_jax.sharding.rules import named_sharding
+from tests.models.test_scan_layers import keyed
 from tests.sharding.conftest import loss_and_grads
 
 # Expected layouts: embedding [V, D], lm_head [D, V], routed gate_proj [E, D, F], q_b_proj [Q, N, H] (the q
@@ -82,3 +86,36 @@ def test_sharded_equals_unsharded(tiny_moe, name):
     np.testing.assert_allclose(float(sharded_loss), float(loss), atol=1e-5, rtol=1e-5)
     assert_trees_close(sharded_grads, grads)
     assert_trees_close(sharded_stats, stats)
+
+
+def test_scanned_layers_sharded_equal_unrolled_on_one_device():
+    """Scanned layers on 8 devices with the experts split (the expert-parallel shard_map runs inside the scan
+    body): loss, every gradient and the per-layer expert loads equal the unrolled model's on one device."""
+    cfg = load_model_config("tiny-moe", {"num_hidden_layers": 3})
+    graphdef, params, buffers = split_model(build_model(cfg, seed=0))
+    rng = np.random.default_rng(1)
+    batch = {
+        "input_ids": rng.integers(0, cfg.vocab_size, (8, 16), dtype=np.int32),
+        "segment_ids": np.where(np.arange(16) < rng.integers(4, 16, size=(8, 1)), 1, 2).astype(np.int32),
+    }
+    (loss, stats), grads = jax.jit(loss_and_grads, static_argnums=2)(params, buffers, graphdef, batch)
+
+    scanned_cfg = cfg.replace(scan_layers=True)
+    mesh = make_mesh(MeshConfig(expert=4, fsdp=2))
+    with sharding_context(mesh):
+        s_graphdef, s_params, s_buffers = create_sharded_model(scanned_cfg, mesh, seed=0)
+        assert s_params["layer_stacks"][1]["mlp"]["experts"]["gate_proj"].sharding.spec == P(
+            None, "expert", "fsdp", None
+        )
+        batch_sharding = named_sharding(("batch", None), mesh, shape=batch["input_ids"].shape)
+        s_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+        (s_loss, s_stats), s_grads = jax.jit(loss_and_grads, static_argnums=2)(s_params, s_buffers, s_graphdef, s_batch)
+
+    np.testing.assert_allclose(float(s_loss), float(loss), atol=1e-5, rtol=1e-5)
+    expected, got = keyed(grads), unstack_flat(keyed(s_grads), scanned_cfg)
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=1e-5, err_msg=name)
+    loads = s_stats["layer_stacks"][1]["mlp"]["expert_load"][0]
+    for row, layer in enumerate((1, 2)):
+        np.testing.assert_allclose(loads[row], stats["layers"][layer]["mlp"]["expert_load"][0], atol=1e-5)
