@@ -119,6 +119,28 @@ def test_sampled_depth_matches_the_full_compile(no_persistent_cache):
     assert s.total == pytest.approx(f.total, rel=0.10)
 
 
+def test_scanned_layers_count_every_layer_and_hold_less(no_persistent_cache):
+    """Scanned layers compile one layer per stack; the plan compiles each stack again with two layers per loop
+    step, so its FLOPs and bytes count all six layers as the unrolled compile does, and the activations of a
+    scan are no more than the unrolled program's."""
+    cfg = load_sft_config("default", [*TINY, "model.overrides.num_hidden_layers=6", "model.overrides.remat=full"])
+    unrolled = plan_sft(cfg, "v5e-4").programs[0]
+    scanned_cfg = load_sft_config(
+        "default",
+        [
+            *TINY,
+            "model.overrides.num_hidden_layers=6",
+            "model.overrides.remat=full",
+            "model.overrides.scan_layers=true",
+        ],
+    )
+    scanned = plan_sft(scanned_cfg, "v5e-4").programs[0]
+    assert scanned.state == unrolled.state
+    assert scanned.compiled_flops == pytest.approx(unrolled.compiled_flops, rel=0.03)
+    assert scanned.compiled_bytes == pytest.approx(unrolled.compiled_bytes, rel=0.03)
+    assert scanned.activations <= unrolled.activations
+
+
 def test_search_ranks_layouts_that_divide_the_slice(no_persistent_cache):
     plans = search("sft", load_sft_config("default", TINY), "v5e-8", limit=2)
     assert len(plans) == 2 and all(p.fits for p in plans)

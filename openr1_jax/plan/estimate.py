@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from openr1_jax.models.config import ModelConfig
+from openr1_jax.models.scan import unroll_stack
 from openr1_jax.plan.topology import Topology
 from openr1_jax.train.aot import CompiledStep, StateBytes, StepTooLarge
 
@@ -89,8 +90,8 @@ class Depth:
 def choose_depth(model_cfg: ModelConfig, mode: str) -> Depth:
     """mode: "full", "sampled", or "auto" (sampled when deeper than FULL_DEPTH_LAYERS)."""
     layers = model_cfg.num_hidden_layers
-    if mode == "full" or (mode == "auto" and layers <= FULL_DEPTH_LAYERS):
-        return Depth(layers)
+    if mode == "full" or (mode == "auto" and (layers <= FULL_DEPTH_LAYERS or model_cfg.scan_layers)):
+        return Depth(layers)  # scanned layers compile as one layer per stack at any depth
     # Past the leading dense layers every layer is alike (MoE models: dense first_k, then MoE), so the two
     # samples differ by one repeating layer. They start at the second repeating layer: the compiler's buffer
     # reuse makes the very first repeat cheaper than the rest (measured on tiny-moe: +6.5 MB, then +15.5 MB
@@ -115,15 +116,20 @@ def compile_program(
     tokens: int,
     model_flops: float,
     resident_elsewhere: int = 0,
+    scans_layers: bool = False,
 ) -> ProgramPlan:
     """Compile `compile_at(cfg)` at `depth` (extrapolating when sampled). `state_at` gives the exact resident
-    state of the full model; `resident_elsewhere` is HBM held outside this program (counted in the total)."""
+    state of the full model; `resident_elsewhere` is HBM held outside this program (counted in the total).
+    `scans_layers`: the program runs the model's forward pass, which scans its layers if the config says so;
+    its FLOPs and bytes are then completed by `count_scanned_layers`."""
     state = state_at(model_cfg)
     common = dict(name=name, tokens=tokens, state=state, model_flops=model_flops)
     error = None
     try:
         if depth.sampled is None:
             step = compile_at(model_cfg)
+            if scans_layers and model_cfg.scan_layers:
+                step = count_scanned_layers(step, model_cfg, compile_at)
             peak, temp, flops, nbytes = step.peak_bytes, step.memory["temp"], step.flops, step.bytes_accessed
         else:
             a, b = (compile_at(with_layers(model_cfg, n)) for n in depth.sampled)
@@ -155,6 +161,31 @@ def compile_program(
         compiled_bytes=None if nbytes is None else float(nbytes),
         error=error,
     )
+
+
+def count_scanned_layers(
+    step: CompiledStep, model_cfg: ModelConfig, compile_at: Callable[[ModelConfig], CompiledStep]
+) -> CompiledStep:
+    """XLA's cost analysis counts a loop body once, so a scanned stack of n layers shows the FLOPs and bytes of
+    one. Compiling the stack again with u layers per loop step (u the smallest divisor of n above 1, so the loop
+    has no remainder) counts u: one layer costs the difference / (u - 1), and the n - 1 missing layers are
+    added. A probe that runs out of HBM leaves the costs unknown (None), not wrong."""
+    import dataclasses
+
+    flops, nbytes = step.flops, step.bytes_accessed
+    for k, group in enumerate(model_cfg.layer_groups()):
+        n = len(group)
+        if n < 2:
+            continue
+        u = next(d for d in range(2, n + 1) if n % d == 0)
+        try:
+            with unroll_stack(k, u):
+                probe = compile_at(model_cfg)
+        except StepTooLarge:
+            return dataclasses.replace(step, flops=None, bytes_accessed=None)
+        flops += (n - 1) * (probe.flops - step.flops) / (u - 1)
+        nbytes += (n - 1) * (probe.bytes_accessed - step.bytes_accessed) / (u - 1)
+    return dataclasses.replace(step, flops=flops, bytes_accessed=nbytes)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ def plan_sft(cfg, topology: str | Topology, mesh=None, depth: str = "auto") -> P
         _train_state_bytes(cfg, device_mesh, cfg.optimizer),
         tokens=B * T,
         model_flops=flops.flops_per_token(model_cfg, T, with_mtp=with_mtp) * B * T / topo.chips,
+        scans_layers=True,
     )
     return Plan("sft", topo, sizes, d, (step,), (1.0,), B * T, notes=_notes(model_cfg))
 
@@ -151,6 +152,7 @@ def plan_grpo(cfg, topology: str | Topology, mesh=None, depth: str = "auto") -> 
             tokens=cfg.batch_size * T,
             model_flops=train_flops_per_token * cfg.batch_size * T / topo.chips,
             resident_elsewhere=reference_bytes,
+            scans_layers=True,
         )
     )
     calls.append(1.0)
@@ -196,6 +198,7 @@ def plan_grpo(cfg, topology: str | Topology, mesh=None, depth: str = "auto") -> 
                 tokens=N * T,
                 model_flops=train_flops_per_token / 3 * N * T / topo.chips,
                 resident_elsewhere=optimizer_bytes + reference_bytes,
+                scans_layers=True,
             )
         )
         calls.append(1.0 / steps_per_generation)

@@ -51,8 +51,8 @@ class StateBytes:
 class CompiledStep:
     compiled: jax.stages.Compiled
     memory: dict[str, int]  # bytes per device: arguments, outputs, temporaries, generated code, aliased
-    flops: float  # per device, from the compiler's cost analysis
-    bytes_accessed: float  # per device
+    flops: float | None  # per device, from the compiler's cost analysis (None: unknown, see plan/estimate.py)
+    bytes_accessed: float | None  # per device
     state: StateBytes
 
     @property
