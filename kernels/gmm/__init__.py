@@ -43,6 +43,7 @@ def gmm(
     tiling: Tiling | None = None,
     implementation: str = "auto",
     interpret: bool = False,
+    cost_rows: int | None = None,
 ):
     """out_MxN[rows of g] = lhs_MxK[rows of g] @ rhs_GxKxN[g], accumulated in float32.
 
@@ -50,6 +51,10 @@ def gmm(
     TPU kernel (default Tiling()); tk and tn shrink to a multiple of 128 dividing K and N where one exists and the
     operands are zero-padded otherwise. Gradients flow to lhs and rhs (d lhs = gmm with rhs transposed, d rhs =
     tgmm); group_sizes gets none.
+    cost_rows: how many rows the caller expects to fall in a group (default M), for the cost estimate the TPU
+    kernels declare to XLA (forward and backward). The kernels skip the rows past sum(group_sizes), so a caller
+    whose buffer is mostly such a tail (expert parallelism: a device's groups get about M / ep of the rows) says
+    so, and XLA's cost analysis counts the work done rather than the buffer.
     """
     _check_backend(implementation, interpret)
     _check_float("lhs_MxK", lhs_MxK, 2, "[M, K]")
@@ -62,7 +67,11 @@ def gmm(
     _check_group_sizes(group_sizes_G, num_groups, "rhs_GxKxN.shape[0]")
     out_dtype = _out_dtype(preferred_element_type, lhs_MxK.dtype, rhs_GxKxN.dtype)
     tiles = _fit_tiles(tiling, m, k, n, (lhs_MxK.dtype, rhs_GxKxN.dtype, out_dtype))
-    return _gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, implementation, interpret)
+    if cost_rows is None:
+        cost_rows = m
+    if isinstance(cost_rows, bool) or not isinstance(cost_rows, int | np.integer) or not 0 <= cost_rows <= m:
+        raise ValueError(f"cost_rows must be a Python int in [0, M={m}], got {cost_rows!r}.")
+    return _gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, implementation, interpret, int(cost_rows))
 
 
 def tgmm(
@@ -186,8 +195,8 @@ def _dispatch(implementation, interpret, operands, *, tpu_fn, gpu_fn, xla_fn):
     return jax.lax.platform_dependent(*operands, tpu=tpu_fn, cuda=gpu_fn, default=xla_fn)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, implementation, interpret):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+def _gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, implementation, interpret, cost_rows):
     (m, k), (num_groups, _, n) = lhs_MxK.shape, rhs_GxKxN.shape
     group_sizes_G = group_sizes_G.astype(jnp.int32)
     xla_fn = functools.partial(gmm_reference, preferred_element_type=out_dtype)
@@ -197,7 +206,7 @@ def _gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, implementation, in
         padded_k, padded_n = _round_up(k, tk), _round_up(n, tn)
         lhs_MxK = _pad(lhs_MxK, (_round_up(m, tm), padded_k))
         rhs_GxKxN = _pad(rhs_GxKxN, (num_groups, padded_k, padded_n))
-        out_MxN = tpu.gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, interpret)
+        out_MxN = tpu.gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, interpret, cost_rows)
         return out_MxN[:m, :n]
 
     def gpu_fn(lhs_MxK, rhs_GxKxN, group_sizes_G):

@@ -159,10 +159,12 @@ def _gmm_kernel(
         out_ref[...] = jnp.where(mask, acc_ref[...], previous).astype(out_ref.dtype)
 
 
-def gmm_call(lhs_MxK, rhs, group_sizes_G, *, out_dtype, tiles, transpose_rhs=False, interpret=False):
-    """The forward pallas_call. rhs is [G, K, N], or [G, N, K] with transpose_rhs (d lhs, without copying rhs)."""
+def gmm_call(lhs_MxK, rhs, group_sizes_G, *, out_dtype, tiles, transpose_rhs=False, interpret=False, cost_rows=None):
+    """The forward pallas_call. rhs is [G, K, N], or [G, N, K] with transpose_rhs (d lhs, without copying rhs).
+    cost_rows: the rows the declared cost estimate counts as work (default all M)."""
     tm, tk, tn = tiles
     (m, k), num_groups = lhs_MxK.shape, rhs.shape[0]
+    rows = m if cost_rows is None else cost_rows
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     assert m % tm == 0 and k % tk == 0 and n % tn == 0, (lhs_MxK.shape, rhs.shape, tiles)
     tiles_k, tiles_n = k // tk, n // tn
@@ -187,10 +189,11 @@ def gmm_call(lhs_MxK, rhs, group_sizes_G, *, out_dtype, tiles, transpose_rhs=Fal
 
     rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
     out_itemsize = jnp.dtype(out_dtype).itemsize
-    # lhs is streamed once per n-tile; rhs[g] once per step, and there are at most tiles_m + G - 1 steps.
+    # lhs is streamed once per n-tile; rhs[g] once per step, and there are at most tiles_m + G - 1 steps. Tail
+    # tiles (rows in no group) read one lhs block and no new rhs block, and write zeros: only `rows` do work.
     bytes_accessed = (
-        lhs_MxK.size * lhs_MxK.dtype.itemsize * tiles_n
-        + (m // tm + num_groups - 1) * k * n * rhs.dtype.itemsize
+        rows * k * lhs_MxK.dtype.itemsize * tiles_n
+        + (-(-rows // tm) + num_groups - 1) * k * n * rhs.dtype.itemsize
         + m * n * out_itemsize
     )
     kernel = functools.partial(
@@ -212,7 +215,7 @@ def gmm_call(lhs_MxK, rhs, group_sizes_G, *, out_dtype, tiles, transpose_rhs=Fal
         ),
         # Steps revisit output tiles (a tile shared by two groups), so only the n axis may be split over cores.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        cost_estimate=pl.CostEstimate(flops=2 * m * k * n, transcendentals=0, bytes_accessed=bytes_accessed),
+        cost_estimate=pl.CostEstimate(flops=2 * rows * k * n, transcendentals=0, bytes_accessed=bytes_accessed),
         interpret=interpret,
         name="gmm_transposed_rhs" if transpose_rhs else "gmm",
     )
@@ -242,10 +245,11 @@ def _tgmm_kernel(owner, tile, starts, ends, lhs_ref, grad_ref, out_ref, acc_ref,
         out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def tgmm(lhs_MxK, grad_MxN, group_sizes_G, *, num_groups, out_dtype, tiles, interpret=False):
-    """The weight-gradient pallas_call: out_GxKxN[g] = lhs[rows of g].T @ grad[rows of g]."""
+def tgmm(lhs_MxK, grad_MxN, group_sizes_G, *, num_groups, out_dtype, tiles, interpret=False, cost_rows=None):
+    """The weight-gradient pallas_call: out_GxKxN[g] = lhs[rows of g].T @ grad[rows of g]. cost_rows: as gmm_call."""
     tm, tk, tn = tiles
     (m, k), n = lhs_MxK.shape, grad_MxN.shape[1]
+    rows = m if cost_rows is None else cost_rows
     assert m % tm == 0 and k % tk == 0 and n % tn == 0, (lhs_MxK.shape, grad_MxN.shape, tiles)
     tiles_k, tiles_n = k // tk, n // tn
     schedule = make_schedule(group_sizes_G, m, tm, visit_empty_groups=True, cover_tail=False)
@@ -260,9 +264,9 @@ def tgmm(lhs_MxK, grad_MxN, group_sizes_G, *, num_groups, out_dtype, tiles, inte
         return owner[step], k_i, n_i  # tgmm has no tail, so every executed step's owner is a group
 
     out_itemsize = jnp.dtype(out_dtype).itemsize
-    bytes_accessed = (
-        lhs_MxK.size * lhs_MxK.dtype.itemsize * tiles_n
-        + grad_MxN.size * grad_MxN.dtype.itemsize * tiles_k
+    bytes_accessed = (  # no tail steps: only the rows in groups are read
+        rows * k * lhs_MxK.dtype.itemsize * tiles_n
+        + rows * n * grad_MxN.dtype.itemsize * tiles_k
         + num_groups * k * n * out_itemsize
     )
     kernel = functools.partial(_tgmm_kernel, tm=tm, compute_dtype=jnp.result_type(lhs_MxK.dtype, grad_MxN.dtype))
@@ -278,25 +282,30 @@ def tgmm(lhs_MxK, grad_MxN, group_sizes_G, *, num_groups, out_dtype, tiles, inte
         ),
         # Each (n, k) output tile is independent; the steps accumulate into it, so they stay sequential.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=pl.CostEstimate(flops=2 * m * k * n, transcendentals=0, bytes_accessed=bytes_accessed),
+        cost_estimate=pl.CostEstimate(flops=2 * rows * k * n, transcendentals=0, bytes_accessed=bytes_accessed),
         interpret=interpret,
         name="tgmm",
     )
     return call(*schedule[:4], lhs_MxK, grad_MxN)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, interpret):
-    """Differentiable grouped matmul on padded shapes; tiles = (tm, tk, tn) dividing (M, K, N)."""
-    return gmm_call(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype=out_dtype, tiles=tiles, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, interpret, cost_rows=None):
+    """Differentiable grouped matmul on padded shapes; tiles = (tm, tk, tn) dividing (M, K, N). cost_rows: the
+    rows the cost estimates of the forward and backward calls count as work (default all)."""
+    return gmm_call(
+        lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype=out_dtype, tiles=tiles, interpret=interpret, cost_rows=cost_rows
+    )
 
 
-def _gmm_fwd(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, interpret):
-    out = gmm_call(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype=out_dtype, tiles=tiles, interpret=interpret)
+def _gmm_fwd(lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype, tiles, interpret, cost_rows):
+    out = gmm_call(
+        lhs_MxK, rhs_GxKxN, group_sizes_G, out_dtype=out_dtype, tiles=tiles, interpret=interpret, cost_rows=cost_rows
+    )
     return out, (lhs_MxK, rhs_GxKxN, group_sizes_G)
 
 
-def _gmm_bwd(out_dtype, tiles, interpret, residuals, grad_MxN):
+def _gmm_bwd(out_dtype, tiles, interpret, cost_rows, residuals, grad_MxN):
     lhs_MxK, rhs_GxKxN, group_sizes_G = residuals
     tm, tk, tn = tiles
     # d lhs contracts over N and produces K: swapping tk and tn keeps rhs blocks the same [tk, tn] shape.
@@ -308,6 +317,7 @@ def _gmm_bwd(out_dtype, tiles, interpret, residuals, grad_MxN):
         tiles=(tm, tn, tk),
         transpose_rhs=True,
         interpret=interpret,
+        cost_rows=cost_rows,
     )
     drhs_GxKxN = tgmm(
         lhs_MxK,
@@ -317,6 +327,7 @@ def _gmm_bwd(out_dtype, tiles, interpret, residuals, grad_MxN):
         out_dtype=rhs_GxKxN.dtype,
         tiles=tiles,
         interpret=interpret,
+        cost_rows=cost_rows,
     )
     return dlhs_MxK, drhs_GxKxN, None  # group sizes are integers: no cotangent
 

@@ -69,14 +69,15 @@ def _divides_heads(num_heads: int) -> bool:
     return partition_spec(("kv_heads",), mesh, rules, (num_heads,))[0] is not None
 
 
-def grouped_matmul(x_MxK, w_GxKxN, group_sizes_G, impl: str) -> jax.Array:
+def grouped_matmul(x_MxK, w_GxKxN, group_sizes_G, impl: str, cost_rows: int | None = None) -> jax.Array:
     """Rows of x sorted by group times their group's weight (the semantics of `jax.lax.ragged_dot`); called on
     per-device blocks already (inside the MoE's shard_map) or without a sharding context. The XLA path uses
-    `ragged_dot` where XLA lowers it natively (TPU) and the blocked form elsewhere (`blocked_matmul.py`)."""
+    `ragged_dot` where XLA lowers it natively (TPU) and the blocked form elsewhere (`blocked_matmul.py`).
+    cost_rows: the rows expected to fall in a group, for the Pallas kernel's declared cost (see `gmm`)."""
     if impl in ("ragged", "dense"):
         return jax.lax.platform_dependent(
             x_MxK, w_GxKxN, group_sizes_G, tpu=jax.lax.ragged_dot, default=blocked_ragged_dot
         )
     from openr1_jax_kernels.gmm import gmm
 
-    return gmm(x_MxK, w_GxKxN, group_sizes_G, interpret=impl == "pallas_interpret")
+    return gmm(x_MxK, w_GxKxN, group_sizes_G, interpret=impl == "pallas_interpret", cost_rows=cost_rows)

@@ -109,7 +109,15 @@ def _local_experts(
         # (The kernels' shard_map runs without the vma check, whose transpose psums replicated inputs itself.)
         x_TxD, gates_TxK = (jax.lax.pcast(a, ep, to="varying") for a in (x_TxD, gates_TxK))
     first_expert = 0 if ep is None else jax.lax.axis_index(ep) * w_gate.shape[0]
-    pairs = partial(_routed_pairs, first_expert=first_expert, weights=(w_gate, w_up, w_down), dtype=dtype, impl=impl)
+    ep_size = 1 if ep is None else jax.lax.axis_size(ep)
+    pairs = partial(
+        _routed_pairs,
+        first_expert=first_expert,
+        local_share=1 / ep_size,
+        weights=(w_gate, w_up, w_down),
+        dtype=dtype,
+        impl=impl,
+    )
     T, D = x_TxD.shape
     chunks = math.gcd(token_chunks, T)  # a chunk count that does not divide the tokens falls back to a divisor
     if chunks == 1:
@@ -130,10 +138,14 @@ def _local_experts(
     return y_TxD.astype(dtype)
 
 
-def _routed_pairs(x_TxD, gates_TxK, experts_TxK, *, first_expert, weights, dtype, impl):
-    """sum_k gate_k * SwiGLU_{expert_k}(x) over the pairs whose expert is local ([T, D], float32)."""
+def _routed_pairs(x_TxD, gates_TxK, experts_TxK, *, first_expert, local_share, weights, dtype, impl):
+    """sum_k gate_k * SwiGLU_{expert_k}(x) over the pairs whose expert is local ([T, D], float32).
+
+    local_share: the fraction of the pairs expected on this device's experts when routing is balanced (1/ep);
+    the grouped matmuls walk all T*K rows but skip the tail, so their declared cost counts only that share."""
     w_gate, w_up, w_down = weights
     T, K = experts_TxK.shape
+    cost_rows = math.ceil(T * K * local_share)
     E_local = w_gate.shape[0]
     local_TxK = experts_TxK - first_expert
     mine_TxK = (local_TxK >= 0) & (local_TxK < E_local)
@@ -142,9 +154,9 @@ def _routed_pairs(x_TxD, gates_TxK, experts_TxK, *, first_expert, weights, dtype
     order = jnp.argsort(group_of_pair, stable=True)
     group_sizes = jnp.bincount(group_of_pair, length=E_local + 1)[:E_local].astype(jnp.int32)
     x_sorted = x_TxD.astype(dtype)[order // K]
-    h = jax.nn.silu(grouped_matmul(x_sorted, w_gate, group_sizes, impl))
-    h = h * grouped_matmul(x_sorted, w_up, group_sizes, impl)
-    y_sorted = grouped_matmul(h, w_down, group_sizes, impl)
+    h = jax.nn.silu(grouped_matmul(x_sorted, w_gate, group_sizes, impl, cost_rows))
+    h = h * grouped_matmul(x_sorted, w_up, group_sizes, impl, cost_rows)
+    y_sorted = grouped_matmul(h, w_down, group_sizes, impl, cost_rows)
     y_sorted = jnp.where((group_of_pair[order] < E_local)[:, None], y_sorted, 0)
     y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, K, -1)
     return jnp.einsum("TKD,TK->TD", y_TxKxD.astype(jnp.float32), jnp.where(mine_TxK, gates_TxK, 0.0))

@@ -207,6 +207,7 @@ def test_bad_input_raises_one_clear_error():
             lambda: gmm(lhs_MxK.astype(jnp.bfloat16), rhs_GxKxN, sizes, tiling=Tiling(tm=8)),
             "Tiling.tm must be a multiple of 16 for bfloat16",
         ),
+        (lambda: gmm(lhs_MxK, rhs_GxKxN, sizes, cost_rows=65), "cost_rows must be a Python int in"),
         (lambda: tgmm(lhs_MxK, jnp.zeros((32, 256)), sizes, num_groups=4), "both must hold the same rows"),
         (lambda: tgmm(lhs_MxK, jnp.zeros((64, 256)), sizes, num_groups=5), "length G=5 (num_groups)"),
         (lambda: tgmm(lhs_MxK, jnp.zeros((64, 256)), sizes, num_groups=0), "num_groups must be a positive"),
@@ -249,3 +250,30 @@ def test_compiles_for_tpu(generation, tpu_device):
         assert cost["flops"] >= n_kernels * 2 * M * K * N
         assert cost["bytes accessed"] > 0
         print(f"gmm {generation} {name}: {sizes} flops={cost['flops']:.3e} bytes={cost['bytes accessed']:.3e}")
+
+
+@needs_libtpu
+def test_cost_rows_scale_the_declared_cost(tpu_device):
+    """Expert parallelism hands gmm a buffer of which a device's groups own about 1/ep: with cost_rows the
+    kernels (forward and both backward) declare the FLOPs of those rows, and fewer bytes, to XLA."""
+
+    def forward_and_backward(cost_rows):
+        return lambda lhs, rhs, sizes, cot: fwd_and_grads(
+            functools.partial(gmm, cost_rows=cost_rows), lhs, rhs, sizes, cot
+        )
+
+    args = [
+        jax.ShapeDtypeStruct((M, K), jnp.bfloat16),
+        jax.ShapeDtypeStruct((G, K, N), jnp.bfloat16),
+        jax.ShapeDtypeStruct((G,), jnp.int32),
+        jax.ShapeDtypeStruct((M, N), jnp.bfloat16),
+    ]
+    costs = {}
+    for rows in (None, M // 8):
+        compiled = tpu_compile(forward_and_backward(rows), *args, sharding=tpu_device("v5p"))
+        cost = compiled.cost_analysis()
+        costs[rows] = cost[0] if isinstance(cost, list | tuple) else cost
+    full, eighth = costs[None], costs[M // 8]
+    kernel_flops = 3 * 2 * M * K * N
+    assert full["flops"] - eighth["flops"] == pytest.approx(kernel_flops * 7 / 8, rel=1e-3)
+    assert eighth["bytes accessed"] < 0.65 * full["bytes accessed"]  # the weights and output writes remain
