@@ -68,7 +68,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         choices=("auto", "full", "sampled"),
         default="auto",
         help="full: compile every layer; sampled: two shallow depths, extrapolated (quick, memory rough); "
-        "auto: full up to 64 layers",
+        "auto: full up to 64 layers; a model with scanned layers is always compiled in full",
     )
     plan.add_argument("--presets", action="store_true", help="plan every preset and print a Markdown table")
 

@@ -22,9 +22,11 @@ from openr1_jax.plan import (
     run_plan,
     search,
 )
+from openr1_jax.plan.estimate import Depth, choose_depth
 from openr1_jax.plan.report import presets_table
 from openr1_jax.rl.config import load_grpo_config
 from openr1_jax.train.config import load_sft_config
+from openr1_jax.train.sft import resolve_model
 from tests.kernels.conftest import needs_libtpu
 
 pytestmark = needs_libtpu
@@ -139,6 +141,8 @@ def test_scanned_layers_count_every_layer_and_hold_less(no_persistent_cache):
     assert scanned.compiled_flops == pytest.approx(unrolled.compiled_flops, rel=0.03)
     assert scanned.compiled_bytes == pytest.approx(unrolled.compiled_bytes, rel=0.03)
     assert scanned.activations <= unrolled.activations
+    # A scan's costs cannot be extrapolated from shallow depths: a scanned model is always compiled in full.
+    assert choose_depth(resolve_model(scanned_cfg.model)[0], "sampled") == Depth(6)
 
 
 def test_search_ranks_layouts_that_divide_the_slice(no_persistent_cache):

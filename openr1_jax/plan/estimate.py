@@ -13,12 +13,15 @@
 The roofline ignores collectives and assumes every op runs at the chip's peak or at its bandwidth: an
 optimistic bound, useful to compare layouts and to catch what cannot work, not a promise.
 
-Every model up to `FULL_DEPTH_LAYERS` deep (all the presets) is compiled at its full depth: DeepSeek-V3's 61
-unrolled layers take libtpu about 6 minutes and 12 GB of host memory on a 2-core machine. `--depth sampled`
-compiles two shallow depths instead and extrapolates every compiled quantity (FLOPs, bytes, peak memory) linearly
-in the number of layers: quick, right for FLOPs and bytes, but rough for memory, since XLA's scheduler keeps more
-alive across many unrolled layers than across two (V3 at 4 micro-batches: 129 GiB of activations extrapolated
-from 5 and 6 layers, 197 GiB compiled at 61).
+A model with scanned layers (`scan_layers`, all the big presets) compiles one layer per stack at any depth, so
+it is always compiled whole; XLA's cost analysis counts a loop body once, so each stack is compiled a second
+time with two (or more) layers per loop step and the difference, one layer's FLOPs and bytes, is multiplied out
+(`count_scanned_layers`). Unrolled models up to `FULL_DEPTH_LAYERS` deep are compiled at full depth too:
+DeepSeek-V3's 61 unrolled layers take libtpu about 6 minutes and 12 GB of host memory on a 2-core machine.
+`--depth sampled` compiles two shallow depths of an unrolled model instead and extrapolates every compiled
+quantity (FLOPs, bytes, peak memory) linearly in the number of layers: quick, right for FLOPs and bytes, but rough
+for memory, since XLA's scheduler keeps more alive across many unrolled layers than across two (V3 at 4
+micro-batches: 129 GiB of activations extrapolated from 5 and 6 layers, 197 GiB compiled at 61).
 """
 
 from __future__ import annotations
@@ -88,10 +91,11 @@ class Depth:
 
 
 def choose_depth(model_cfg: ModelConfig, mode: str) -> Depth:
-    """mode: "full", "sampled", or "auto" (sampled when deeper than FULL_DEPTH_LAYERS)."""
+    """mode: "full", "sampled", or "auto" (sampled when deeper than FULL_DEPTH_LAYERS); scanned layers: full."""
     layers = model_cfg.num_hidden_layers
-    if mode == "full" or (mode == "auto" and (layers <= FULL_DEPTH_LAYERS or model_cfg.scan_layers)):
-        return Depth(layers)  # scanned layers compile as one layer per stack at any depth
+    # Scanned layers compile as one layer per stack at any depth, and a scan's costs cannot be extrapolated.
+    if model_cfg.scan_layers or mode == "full" or (mode == "auto" and layers <= FULL_DEPTH_LAYERS):
+        return Depth(layers)
     # Past the leading dense layers every layer is alike (MoE models: dense first_k, then MoE), so the two
     # samples differ by one repeating layer. They start at the second repeating layer: the compiler's buffer
     # reuse makes the very first repeat cheaper than the rest (measured on tiny-moe: +6.5 MB, then +15.5 MB
