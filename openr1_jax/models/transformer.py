@@ -164,7 +164,10 @@ class CausalLM(nnx.Module):
 
         x_BxTxD = constrain(self.embed(input_ids), RESIDUAL)
         if self.config.scan_layers:
-            apply = lambda block, x: constrain(block(x, cos, sin, segment_ids, token_mask), RESIDUAL)  # noqa: E731
+
+            def apply(block, x):
+                return constrain(block(x, cos, sin, segment_ids, token_mask), RESIDUAL)
+
             remat = self.config.remat != "none"
             for k, stack in enumerate(self.layer_stacks):
                 x_BxTxD = scan_blocks(stack, x_BxTxD, apply, self._remat_policy(), remat, stack_unroll(k))

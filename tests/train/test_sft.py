@@ -78,14 +78,16 @@ def test_tiny_run_writes_everything_and_learns(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_exact_resume_after_kill_9(tmp_path):
-    """Train 6 steps; train 3, kill -9, resume to 6: parameters and the resumed losses are bitwise equal."""
-    run_child(tmp_path / "full")
+@pytest.mark.parametrize("extra", [(), ("model.overrides.scan_layers=true",)], ids=["unrolled", "scanned"])
+def test_exact_resume_after_kill_9(tmp_path, extra):
+    """Train 6 steps; train 3, kill -9, resume to 6: parameters and the resumed losses are bitwise equal (also
+    with scanned layers, whose train checkpoints hold the stacked arrays)."""
+    run_child(tmp_path / "full", extra=extra)
     crash = tmp_path / "crash"
-    output = run_child(crash, "--kill-after-save", "3", expect=-9)
+    output = run_child(crash, "--kill-after-save", "3", expect=-9, extra=extra)
     assert "RESULT" not in output
     assert sorted(p.name for p in (crash / "checkpoints").iterdir()) == ["3"]
-    run_child(crash)
+    run_child(crash, extra=extra)
     full, resumed = params_of(tmp_path / "full"), params_of(crash)
     assert full.keys() == resumed.keys()
     for name in full:
