@@ -235,6 +235,8 @@ def test_every_preset(name, no_persistent_cache):
         # 7.6B parameters in bf16 over 8 chips; Adam's two bf16 moments
         assert step.state.params == pytest.approx(7.62e9 * 2 / 8, rel=0.02)
         assert step.state.optimizer == pytest.approx(2 * step.state.params, rel=0.01)
+    if name == "deepseek-v3-671b-sft-v5p-512":  # scanned layers: 82 GiB of 95 per chip (unrolled: 226)
+        assert plan.fits and plan.tokens_per_sec_per_chip > 0
 
 
 def test_the_compilers_out_of_memory_figure_is_read_in_bytes():
