@@ -28,7 +28,8 @@ def load_model(
     path: a Hugging Face folder (config.json + safetensors), an openr1-jax checkpoint folder, or `embedded:base`.
     dtype: compute dtype; param_dtype: storage dtype of the parameters (default: same as dtype).
     mesh: place every parameter on this mesh according to its logical axes.
-    overrides: ModelConfig fields that do not change the parameters (e.g. attention_impl="xla", moe_impl="dense").
+    overrides: ModelConfig fields that do not change the parameters (e.g. attention_impl="xla", moe_impl="dense",
+      scan_layers=True: the per-layer entries are stacked).
     """
     from openr1_jax.convert import checkpoint as ckpt
     from openr1_jax.convert.hf_to_jax import iter_params, plan_conversion, read_hf_config
