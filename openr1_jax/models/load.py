@@ -51,19 +51,27 @@ def load_model(
             for name, var in flat_variables(model).items()
         }
 
+    def per_layer_model(model):
+        """The model as checkpoints and HF folders hold it, one entry per layer (itself unless it scans)."""
+        if not model.config.scan_layers:
+            return model
+        return abstract_model(model.config.replace(scan_layers=False), dtype=dtype, param_dtype=param_dtype)
+
     def stacked_into(model, flat: dict) -> None:
-        """Fill the model from per-layer arrays (checkpoints and HF folders hold one entry per layer)."""
-        place = shardings(model)
+        """Fill the model from per-layer arrays, stacking them on the mesh where the model scans its layers."""
+        if model.config.scan_layers:
+            place = shardings(model)
 
-        def stack(name, arrays):
-            return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=place[name])(*arrays)
+            def stack(name, arrays):
+                return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=place[name])(*arrays)
 
-        assign(model, stack_flat(flat, model.config, stack))
+            flat = stack_flat(flat, model.config, stack)
+        assign(model, flat)
 
     if ckpt.is_checkpoint(path):
         cfg = ckpt.read_config(path).replace(**overrides)
         model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
-        per_layer = abstract_model(cfg.replace(scan_layers=False), dtype=dtype, param_dtype=param_dtype)
+        per_layer = per_layer_model(model)
         targets = {
             name: jax.ShapeDtypeStruct(
                 var.value.shape,
@@ -79,7 +87,7 @@ def load_model(
     with SafetensorsReader(path) as reader:
         cfg, plans = plan_conversion(path, reader)
         model = abstract_model(cfg.replace(**overrides), dtype=dtype, param_dtype=param_dtype)
-        per_layer = abstract_model(model.config.replace(scan_layers=False), dtype=dtype, param_dtype=param_dtype)
+        per_layer = per_layer_model(model)
         variables = flat_variables(per_layer)
         place = shardings(per_layer)
         flat = {}

@@ -57,10 +57,10 @@ def stack_blocks(blocks: list[nnx.Module]) -> nnx.Module:
     return module
 
 
-def block_at(stack: nnx.Module, index: int) -> nnx.Module:
-    """Layer `index` of a stack as an ordinary block (its variables are slices of the stacked ones)."""
+def unstack_blocks(stack: nnx.Module, layers: int) -> list[nnx.Module]:
+    """The stack's `layers` layers as ordinary blocks (their variables are slices of the stacked ones)."""
     graphdef, state = nnx.split(stack)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(layers)]
 
 
 def scan_blocks(
@@ -137,14 +137,6 @@ def stack_flat(
             stacked_name = f"{STACKS}.{k}.{rest}"
             out[stacked_name] = stack(stacked_name, [flat.pop(f"layers.{layer}.{rest}") for layer in group])
     return out
-
-
-def per_layer_names(name: str, cfg: ModelConfig) -> list[str]:
-    """The per-layer names a (possibly stacked) flat name stands for, in stack order."""
-    stack, rest = _split_stack_name(name) if cfg.scan_layers else (None, name)
-    if stack is None:
-        return [name]
-    return [f"layers.{layer}.{rest}" for layer in cfg.layer_groups()[stack]]
 
 
 def _split_stack_name(name: str) -> tuple[int | None, str]:

@@ -22,7 +22,7 @@ from openr1_jax.models.mla import MLA
 from openr1_jax.models.moe import MoE
 from openr1_jax.models.mtp import MTPModule, shift_left
 from openr1_jax.models.rope import rope_cos_sin
-from openr1_jax.models.scan import block_at, scan_blocks, stack_blocks, stack_unroll
+from openr1_jax.models.scan import scan_blocks, stack_blocks, stack_unroll, unstack_blocks
 from openr1_jax.sharding.context import constrain
 
 RESIDUAL = ("batch", None, None)
@@ -123,11 +123,8 @@ class CausalLM(nnx.Module):
         """Every decoder layer in order, as a module (for a scanned model: views of the stacked variables)."""
         if not self.config.scan_layers:
             return list(self.layers)
-        return [
-            block_at(stack, i)
-            for stack, group in zip(self.layer_stacks, self.config.layer_groups())
-            for i in range(len(group))
-        ]
+        groups = self.config.layer_groups()
+        return [block for stack, group in zip(self.layer_stacks, groups) for block in unstack_blocks(stack, len(group))]
 
     def head(self, h_BxTxD: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:

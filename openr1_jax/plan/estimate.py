@@ -174,8 +174,6 @@ def count_scanned_layers(
     one. Compiling the stack again with u layers per loop step (u the smallest divisor of n above 1, so the loop
     has no remainder) counts u: one layer costs the difference / (u - 1), and the n - 1 missing layers are
     added. A probe that runs out of HBM leaves the costs unknown (None), not wrong."""
-    import dataclasses
-
     flops, nbytes = step.flops, step.bytes_accessed
     for k, group in enumerate(model_cfg.layer_groups()):
         n = len(group)
@@ -186,10 +184,10 @@ def count_scanned_layers(
             with unroll_stack(k, u):
                 probe = compile_at(model_cfg)
         except StepTooLarge:
-            return dataclasses.replace(step, flops=None, bytes_accessed=None)
+            return replace(step, flops=None, bytes_accessed=None)
         flops += (n - 1) * (probe.flops - step.flops) / (u - 1)
         nbytes += (n - 1) * (probe.bytes_accessed - step.bytes_accessed) / (u - 1)
-    return dataclasses.replace(step, flops=flops, bytes_accessed=nbytes)
+    return replace(step, flops=flops, bytes_accessed=nbytes)
 
 
 @dataclass(frozen=True)

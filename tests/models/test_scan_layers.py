@@ -13,7 +13,7 @@ from openr1_jax.convert.checkpoint import param_metadata, save_model
 from openr1_jax.models.load import load_model
 from openr1_jax.models.params import build_model, flat_variables
 from openr1_jax.models.presets import load_model_config
-from openr1_jax.models.scan import per_layer_names, stack_flat, unstack_flat
+from openr1_jax.models.scan import stack_flat, unstack_flat
 from openr1_jax.train.step import StepConfig
 from tests.models.test_properties import TINY_DENSE, TINY_MOE
 from tests.train.test_step import SGD, _packed_batch, _run
@@ -35,7 +35,7 @@ def test_layer_groups_are_the_runs_of_alike_layers():
     assert SCANNED.layer_groups() == [range(0, 1), range(1, 4)]
     assert TINY_DENSE.layer_groups() == [range(0, TINY_DENSE.num_hidden_layers)]
     assert TINY_MOE.replace(first_k_dense_replace=0).layer_groups() == [range(0, 3)]
-    assert per_layer_names("layer_stacks.1.mlp.router.kernel", SCANNED) == [
+    assert list(unstack_flat({"layer_stacks.1.mlp.router.kernel": np.zeros(3)}, SCANNED)) == [
         f"layers.{i}.mlp.router.kernel" for i in (1, 2, 3)
     ]
 
