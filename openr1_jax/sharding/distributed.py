@@ -56,12 +56,24 @@ def initialize_distributed(
         jax.distributed.initialize(
             coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout(env)
         )
+        _join_collectives()
         return True
     if _multi_host_tpu(env):
         # Coordinator and ids from the TPU metadata server.
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout(env))
+        _join_collectives()
         return True
     return False
+
+
+def _join_collectives() -> None:
+    """Build the collective group of all processes now, while they have all just left `initialize`'s start-up
+    barrier. Built at the job's first collective instead, the processes can arrive far apart (one still compiling
+    what another read from the compile cache), and gloo's rendezvous (CPU jobs) gives up after 30 s; once built,
+    the group is reused and a collective waits for a late process as long as it takes."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("openr1-jax: every process has joined")
 
 
 def _int_env(env: Mapping[str, str], name: str) -> int | None:

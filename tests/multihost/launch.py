@@ -161,3 +161,18 @@ def crash_after_save(step: int) -> None:
         return saved
 
     checkpointing.Checkpointer.maybe_save = save_then_crash
+
+
+def arrive_late(seconds: float) -> None:
+    """In a child, before its run: reach the job's first collective (orbax's, as the Checkpointer is made)
+    `seconds` after the other processes, with programs already run, as a host does that compiles what the
+    others read from the compile cache."""
+    from openr1_jax.train import checkpointing
+
+    original = checkpointing.Checkpointer.__init__
+
+    def late_init(self, *args, **kwargs):
+        time.sleep(seconds)
+        original(self, *args, **kwargs)
+
+    checkpointing.Checkpointer.__init__ = late_init

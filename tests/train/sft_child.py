@@ -5,6 +5,7 @@
 
 --kill-after-save S: SIGKILL this process right after the checkpoint of step S is committed (a crash).
 --stop-at S: behave as if SIGTERM (preemption) arrived during step S (save and exit cleanly).
+--late S: reach the job's first collective S seconds after the other processes (a slow host).
 --shards N: one process feeding the global batches that N hosts would load (their per-host rows concatenated
             in process order), the single-process reference of the multi-host tests.
 """
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--kill-after-save", type=int, default=None)
     parser.add_argument("--stop-at", type=int, default=None)
+    parser.add_argument("--late", type=float, default=None)
     parser.add_argument("--shards", type=int, default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -39,10 +41,12 @@ def main() -> None:
 
     from openr1_jax.train import checkpointing, sft
     from openr1_jax.train.config import load_sft_config
-    from tests.multihost.launch import crash_after_save
+    from tests.multihost.launch import arrive_late, crash_after_save
 
     if args.kill_after_save is not None:
         crash_after_save(args.kill_after_save)
+    if args.late is not None:
+        arrive_late(args.late)
     if args.stop_at is not None:
         checkpointing.PreemptionGuard.should_stop = lambda self, step: step >= args.stop_at
 
