@@ -6,8 +6,11 @@ Legend beyond `layers.py`: G query heads per key/value head, O value head dim (d
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from openr1_jax.models import kernels, kv_cache
@@ -17,12 +20,7 @@ from openr1_jax.models.layers import Dtype, Linear
 from openr1_jax.models.rope import apply_rope
 
 
-def causal_segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
-    """[B, T, S] True where query t may attend key s: s <= t and both lie in the same packed segment."""
-    T = segment_ids_BxT.shape[1]
-    causal_TxS = jnp.tril(jnp.ones((T, T), dtype=bool))
-    same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    return causal_TxS[None] & same_BxTxS
+_MASKED = jnp.finfo(jnp.float32).min
 
 
 def dot_product_attention(
@@ -35,25 +33,87 @@ def dot_product_attention(
     """softmax(q k^T * scale + mask) v with the softmax in float32; N = M * G query heads share a key head.
 
     Both products run head-major ([B, M, G, T, .] x [B, M, S, .]), the layout of a plain batched matmul: with T
-    ahead of the heads in an operand or the output, XLA:CPU falls back to a contraction 2-3x slower."""
+    ahead of the heads in an operand or the output, XLA:CPU falls back to a contraction 2-3x slower. Every query
+    must see at least one key (true of causal rows and of the decode masks)."""
     B, T, N, H = q_BxTxNxH.shape
     M = k_BxSxMxH.shape[2]
-    q_BxMxGxTxH = q_BxTxNxH.reshape(B, T, M, N // M, H).transpose(0, 2, 3, 1, 4)
+    G = N // M
+    # Query rows of one key head as one axis (g, t): plain 4-d batched matmuls, no size-1 G axis to transpose.
+    q_BxMxRxH = q_BxTxNxH.reshape(B, T, M, G, H).transpose(0, 2, 3, 1, 4).reshape(B, M, G * T, H)
     k_BxMxSxH = k_BxSxMxH.transpose(0, 2, 1, 3)
     v_BxMxSxO = v_BxSxMxO.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("BMGTH,BMSH->BMGTS", q_BxMxGxTxH, k_BxMxSxH, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxMxO.dtype)
-    out_BxMxGxTxO = jnp.einsum("BMGTS,BMSO->BMGTO", probs, v_BxMxSxO)
-    return out_BxMxGxTxO.transpose(0, 3, 1, 2, 4).reshape(B, T, N, v_BxSxMxO.shape[-1])
+    mask_Bx1xRxS = jnp.broadcast_to(mask_BxTxS[:, None], (B, G, T, mask_BxTxS.shape[-1])).reshape(B, 1, G * T, -1)
+    out_BxMxRxO = _softmax_attention(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale)
+    O = v_BxSxMxO.shape[-1]
+    return out_BxMxRxO.reshape(B, M, G, T, O).transpose(0, 3, 1, 2, 4).reshape(B, T, N, O)
+
+
+def _scores(q_BxMxRxH, k_BxMxSxH, mask_Bx1xRxS, scale: float) -> jax.Array:
+    scores = jnp.einsum("BMRH,BMSH->BMRS", q_BxMxRxH, k_BxMxSxH, preferred_element_type=jnp.float32)
+    return jnp.where(mask_Bx1xRxS, scores * scale, _MASKED)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale: float) -> jax.Array:
+    return _softmax_attention_fwd(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale)[0]
+
+
+def _softmax_attention_fwd(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale: float):
+    """out = (p v) / l with p = exp(s - max s), l = sum p; keeps logsumexp(s) instead of the [T, S] probabilities,
+    which the backward pass recomputes from q and k (flash attention's backward, here in plain XLA): fewer passes
+    over [T, S] arrays than differentiating the softmax, and no [T, S] residuals."""
+    scores = _scores(q_BxMxRxH, k_BxMxSxH, mask_Bx1xRxS, scale)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores - peak)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    pv = jnp.einsum("BMRS,BMSO->BMRO", p.astype(v_BxMxSxO.dtype), v_BxMxSxO, preferred_element_type=jnp.float32)
+    out = (pv / total).astype(v_BxMxSxO.dtype)
+    lse = peak + jnp.log(total)
+    return out, (q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, out, lse)
+
+
+def _softmax_attention_bwd(scale: float, residuals, d_out):
+    q, k, v, mask, out, lse = residuals
+    p = jnp.exp(_scores(q, k, mask, scale) - lse)
+    d_v = jnp.einsum("BMRS,BMRO->BMSO", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+    d_p = jnp.einsum("BMRO,BMSO->BMRS", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_s = (p * (d_p - row) * scale).astype(q.dtype)
+    d_q = jnp.einsum("BMRS,BMSH->BMRH", d_s, k, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("BMRS,BMRH->BMSH", d_s, q, preferred_element_type=jnp.float32)
+    d_mask = np.zeros(mask.shape, jax.dtypes.float0)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_mask
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def causal_attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale: float) -> jax.Array:
+    """Self-attention within packed causal segments in up to 8 query blocks of >= 64 rows: block i attends only to
+    the keys up to its own last row, so the scores above the diagonal blocks are never computed ((n + 1) / 2n of
+    the full [T, T] product for n blocks) and each block's arrays are small enough to stay in cache."""
+    T = q_BxTxNxH.shape[1]
+    n = max(1, min(8, T // 64))
+    ends = [round(T * (i + 1) / n) for i in range(n)]
+    outs, start = [], 0
+    for end in ends:
+        causal_QxS = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
+        same_BxQxS = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, :end]
+        outs.append(
+            dot_product_attention(
+                q_BxTxNxH[:, start:end], k_BxTxMxH[:, :end], v_BxTxMxO[:, :end], causal_QxS[None] & same_BxQxS, scale
+            )
+        )
+        start = end
+    return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
 
 
 def attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale: float, impl: str) -> jax.Array:
     """Causal self-attention within packed segments; the backend switch (`attention_impl` in the model config):
-    "xla" materialises the [T, T] scores, "pallas" runs the flash attention kernel of the platform (XLA on CPU),
-    "pallas_interpret" the TPU kernel in the Pallas interpreter (tests)."""
+    "xla" runs `causal_attention` (the scores materialised block by block), "pallas" the flash attention kernel of
+    the platform (XLA on CPU), "pallas_interpret" the TPU kernel in the Pallas interpreter (tests)."""
     if impl == "xla":
-        return dot_product_attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, causal_segment_mask(segment_ids_BxT), scale)
+        return causal_attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale)
     return kernels.flash_attention(
         q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale, interpret=impl == "pallas_interpret"
     )
