@@ -307,8 +307,9 @@ def test_busy_port_is_a_user_error(engine):
 
 def test_serve_runs_until_ctrl_c(model_dir):
     """`serve(cfg)` in its own process: prints the URL, answers, and exits cleanly on SIGINT."""
-    code = (
-        "import sys; from openr1_jax.generate.server import serve, load_serve_config; "
+    code = (  # Python's SIGINT handler as in a terminal, even when pytest runs with SIGINT ignored (in background)
+        "import sys, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from openr1_jax.generate.server import serve, load_serve_config; "
         "serve(load_serve_config(None, sys.argv[1:]))"
     )
     args = [f"model={model_dir}", "port=0", "served_model_name=cli", "max_seq_len=64"]

@@ -194,6 +194,7 @@ def test_kill_9_mid_save_leaves_previous_checkpoint(tmp_path):
 
 _SIGTERM_CHILD = """
 import sys, signal, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when pytest ignores SIGINT
 from pathlib import Path
 import jax.numpy as jnp, grain
 from openr1_jax.train.checkpointing import CheckpointConfig, Checkpointer, PreemptionGuard
