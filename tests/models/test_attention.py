@@ -37,8 +37,8 @@ def inputs(B, T, N, M, H, O, seed=0):
 @pytest.mark.parametrize(
     "B, T, N, M, H, O",
     [
-        (2, 300, 4, 4, 24, 16),  # MLA-like: one key head per query head, O != H; 4 uneven blocks
-        (2, 130, 8, 2, 16, 16),  # GQA, 4 query heads per key head; 2 blocks
+        (2, 300, 4, 4, 24, 16),  # MLA-like: one key head per query head, O != H; 8 uneven blocks
+        (2, 130, 8, 2, 16, 16),  # GQA, 4 query heads per key head; 4 blocks
         (3, 40, 2, 1, 8, 8),  # shorter than one block
         (1, 1024, 2, 2, 8, 8),  # the 8-block cap
     ],
