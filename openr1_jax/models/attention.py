@@ -19,8 +19,46 @@ from openr1_jax.models.kv_cache import KVCache
 from openr1_jax.models.layers import Dtype, Linear
 from openr1_jax.models.rope import apply_rope
 
-
 _MASKED = jnp.finfo(jnp.float32).min
+
+# Layout. Both products run head-major, [B, M, R, .] x [B, M, S, .], the layout of a plain batched matmul (with T
+# ahead of the heads in an operand or the output, XLA:CPU falls back to a contraction 2-3x slower). R = T * G query
+# rows per key head, ordered (t, g), so a block of query positions is a contiguous block of rows.
+
+
+def _query_rows(q_BxTxNxH: jax.Array, M: int) -> jax.Array:
+    B, T, N, H = q_BxTxNxH.shape
+    return q_BxTxNxH.reshape(B, T, M, N // M, H).transpose(0, 2, 1, 3, 4).reshape(B, M, T * (N // M), H)
+
+
+def _from_query_rows(out_BxMxRxO: jax.Array, T: int) -> jax.Array:
+    B, M, R, O = out_BxMxRxO.shape
+    return out_BxMxRxO.reshape(B, M, T, R // T, O).transpose(0, 2, 1, 3, 4).reshape(B, T, M * (R // T), O)
+
+
+def _head_major(x_BxSxMxH: jax.Array) -> jax.Array:
+    return x_BxSxMxH.transpose(0, 2, 1, 3)
+
+
+def _row_mask(mask_BxTxS: jax.Array, G: int) -> jax.Array:
+    """[B, T, S] -> [B, 1, T * G, S]: each query position's mask for its G rows."""
+    B, T, S = mask_BxTxS.shape
+    return jnp.broadcast_to(mask_BxTxS[:, :, None], (B, T, G, S)).reshape(B, 1, T * G, S)
+
+
+def _scores(q_BxMxRxH, k_BxMxSxH, mask_Bx1xRxS, scale: float) -> jax.Array:
+    scores = jnp.einsum("BMRH,BMSH->BMRS", q_BxMxRxH, k_BxMxSxH, preferred_element_type=jnp.float32)
+    return jnp.where(mask_Bx1xRxS, scores * scale, _MASKED)
+
+
+def _attend(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale: float) -> tuple[jax.Array, jax.Array]:
+    """(p v) / l with p = exp(s - max s), l = sum p (the softmax in float32), and logsumexp(s) per row."""
+    scores = _scores(q_BxMxRxH, k_BxMxSxH, mask_Bx1xRxS, scale)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores - peak)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    pv = jnp.einsum("BMRS,BMSO->BMRO", p.astype(v_BxMxSxO.dtype), v_BxMxSxO, preferred_element_type=jnp.float32)
+    return (pv / total).astype(v_BxMxSxO.dtype), peak + jnp.log(total)
 
 
 def dot_product_attention(
@@ -30,82 +68,79 @@ def dot_product_attention(
     mask_BxTxS: jax.Array,
     scale: float,
 ) -> jax.Array:
-    """softmax(q k^T * scale + mask) v with the softmax in float32; N = M * G query heads share a key head.
-
-    Both products run head-major ([B, M, G, T, .] x [B, M, S, .]), the layout of a plain batched matmul: with T
-    ahead of the heads in an operand or the output, XLA:CPU falls back to a contraction 2-3x slower. Every query
-    must see at least one key (true of causal rows and of the decode masks)."""
-    B, T, N, H = q_BxTxNxH.shape
+    """softmax(q k^T * scale + mask) v with the softmax in float32; N = M * G query heads share a key head. Every
+    query must see at least one key (true of causal rows and of the decode masks)."""
     M = k_BxSxMxH.shape[2]
-    G = N // M
-    # Query rows of one key head as one axis (g, t): plain 4-d batched matmuls, no size-1 G axis to transpose.
-    q_BxMxRxH = q_BxTxNxH.reshape(B, T, M, G, H).transpose(0, 2, 3, 1, 4).reshape(B, M, G * T, H)
-    k_BxMxSxH = k_BxSxMxH.transpose(0, 2, 1, 3)
-    v_BxMxSxO = v_BxSxMxO.transpose(0, 2, 1, 3)
-    mask_Bx1xRxS = jnp.broadcast_to(mask_BxTxS[:, None], (B, G, T, mask_BxTxS.shape[-1])).reshape(B, 1, G * T, -1)
-    out_BxMxRxO = _softmax_attention(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale)
-    O = v_BxSxMxO.shape[-1]
-    return out_BxMxRxO.reshape(B, M, G, T, O).transpose(0, 3, 1, 2, 4).reshape(B, T, N, O)
-
-
-def _scores(q_BxMxRxH, k_BxMxSxH, mask_Bx1xRxS, scale: float) -> jax.Array:
-    scores = jnp.einsum("BMRH,BMSH->BMRS", q_BxMxRxH, k_BxMxSxH, preferred_element_type=jnp.float32)
-    return jnp.where(mask_Bx1xRxS, scores * scale, _MASKED)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _softmax_attention(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale: float) -> jax.Array:
-    return _softmax_attention_fwd(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale)[0]
-
-
-def _softmax_attention_fwd(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale: float):
-    """out = (p v) / l with p = exp(s - max s), l = sum p; keeps logsumexp(s) instead of the [T, S] probabilities,
-    which the backward pass recomputes from q and k (flash attention's backward, here in plain XLA): fewer passes
-    over [T, S] arrays than differentiating the softmax, and no [T, S] residuals."""
-    scores = _scores(q_BxMxRxH, k_BxMxSxH, mask_Bx1xRxS, scale)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.exp(scores - peak)
-    total = jnp.sum(p, axis=-1, keepdims=True)
-    pv = jnp.einsum("BMRS,BMSO->BMRO", p.astype(v_BxMxSxO.dtype), v_BxMxSxO, preferred_element_type=jnp.float32)
-    out = (pv / total).astype(v_BxMxSxO.dtype)
-    lse = peak + jnp.log(total)
-    return out, (q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, out, lse)
-
-
-def _softmax_attention_bwd(scale: float, residuals, d_out):
-    q, k, v, mask, out, lse = residuals
-    p = jnp.exp(_scores(q, k, mask, scale) - lse)
-    d_v = jnp.einsum("BMRS,BMRO->BMSO", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
-    d_p = jnp.einsum("BMRO,BMSO->BMRS", d_out, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_s = (p * (d_p - row) * scale).astype(q.dtype)
-    d_q = jnp.einsum("BMRS,BMSH->BMRH", d_s, k, preferred_element_type=jnp.float32)
-    d_k = jnp.einsum("BMRS,BMRH->BMSH", d_s, q, preferred_element_type=jnp.float32)
-    d_mask = np.zeros(mask.shape, jax.dtypes.float0)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_mask
-
-
-_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+    G = q_BxTxNxH.shape[2] // M
+    out_BxMxRxO, _ = _attend(
+        _query_rows(q_BxTxNxH, M), _head_major(k_BxSxMxH), _head_major(v_BxSxMxO), _row_mask(mask_BxTxS, G), scale
+    )
+    return _from_query_rows(out_BxMxRxO, q_BxTxNxH.shape[1])
 
 
 def causal_attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale: float) -> jax.Array:
-    """Self-attention within packed causal segments in up to 8 query blocks of >= 32 rows: block i attends only to
-    the keys up to its own last row, so the scores above the diagonal blocks are never computed ((n + 1) / 2n of
-    the full [T, T] product for n blocks) and each block's arrays are small enough to stay in cache."""
-    T = q_BxTxNxH.shape[1]
-    n = max(1, min(8, T // 32))  # measured on CPU at T = 146-512: 32-64 rows a block are best
-    ends = [round(T * (i + 1) / n) for i in range(n)]
-    outs, start = [], 0
+    """Self-attention within packed causal segments, in up to 8 blocks of >= 32 query positions: block i attends
+    only to the keys up to its own last position, so the scores above the diagonal blocks are never computed
+    ((n + 1) / 2n of the [T, T] product for n blocks) and each block's arrays are small enough to stay in cache.
+    The backward pass is flash attention's, in plain XLA: it recomputes each block's probabilities from the saved
+    logsumexp instead of differentiating the softmax (fewer passes over [T, S] arrays, no [T, S] residuals), and
+    adds each block's key and value gradients into their prefix in place."""
+    T, M = q_BxTxNxH.shape[1], k_BxTxMxH.shape[2]
+    n = max(1, min(8, T // 32))  # measured on CPU at T = 146-512: 32-64 positions a block are best
+    ends = tuple(round(T * (i + 1) / n) for i in range(n))
+    out_BxMxRxO = _blocked_causal(
+        _query_rows(q_BxTxNxH, M), _head_major(k_BxTxMxH), _head_major(v_BxTxMxO), segment_ids_BxT, scale, ends
+    )
+    return _from_query_rows(out_BxMxRxO, T)
+
+
+def _block_masks(segment_ids_BxT: jax.Array, G: int, ends: tuple[int, ...]):
+    """(first row, last row, key count, [B, 1, rows, keys] mask) of each block of query positions."""
+    start = 0
     for end in ends:
         causal_QxS = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
         same_BxQxS = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, :end]
-        outs.append(
-            dot_product_attention(
-                q_BxTxNxH[:, start:end], k_BxTxMxH[:, :end], v_BxTxMxO[:, :end], causal_QxS[None] & same_BxQxS, scale
-            )
-        )
+        yield start * G, end * G, end, _row_mask(causal_QxS[None] & same_BxQxS, G)
         start = end
-    return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked_causal(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, segment_ids_BxT, scale: float, ends: tuple[int, ...]):
+    return _blocked_causal_fwd(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, segment_ids_BxT, scale, ends)[0]
+
+
+def _blocked_causal_fwd(q, k, v, segment_ids_BxT, scale: float, ends: tuple[int, ...]):
+    G = q.shape[2] // segment_ids_BxT.shape[1]
+    outs, lses = [], []
+    for r0, r1, e, mask in _block_masks(segment_ids_BxT, G, ends):
+        out, lse = _attend(q[:, :, r0:r1], k[:, :, :e], v[:, :, :e], mask, scale)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+    return out, (q, k, v, segment_ids_BxT, out, lse)
+
+
+def _blocked_causal_bwd(scale: float, ends: tuple[int, ...], residuals, d_out):
+    q, k, v, segment_ids_BxT, out, lse = residuals
+    G = q.shape[2] // segment_ids_BxT.shape[1]
+    f32 = jnp.float32
+    row = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # sum_o dO * O = sum_s P * dP
+    d_qs, d_k, d_v = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    for r0, r1, e, mask in _block_masks(segment_ids_BxT, G, ends):
+        q_i, k_i, v_i, d_out_i = q[:, :, r0:r1], k[:, :, :e], v[:, :, :e], d_out[:, :, r0:r1]
+        p = jnp.exp(_scores(q_i, k_i, mask, scale) - lse[:, :, r0:r1])
+        d_p = jnp.einsum("BMRO,BMSO->BMRS", d_out_i, v_i, preferred_element_type=f32)
+        d_s = (p * (d_p - row[:, :, r0:r1]) * scale).astype(q.dtype)
+        d_qs.append(jnp.einsum("BMRS,BMSH->BMRH", d_s, k_i, preferred_element_type=f32))
+        d_k = d_k.at[:, :, :e].add(jnp.einsum("BMRS,BMRH->BMSH", d_s, q_i, preferred_element_type=f32))
+        d_v_i = jnp.einsum("BMRS,BMRO->BMSO", p.astype(d_out.dtype), d_out_i, preferred_element_type=f32)
+        d_v = d_v.at[:, :, :e].add(d_v_i)
+    d_q = jnp.concatenate(d_qs, axis=2)
+    d_segments = np.zeros(segment_ids_BxT.shape, jax.dtypes.float0)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_segments
+
+
+_blocked_causal.defvjp(_blocked_causal_fwd, _blocked_causal_bwd)
 
 
 def attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale: float, impl: str) -> jax.Array:
