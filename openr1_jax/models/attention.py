@@ -1,5 +1,6 @@
-"""Attention shared by MLA and GQA: masks for packed causal rows, the XLA dot-product attention, and the
-grouped-query attention of the dense students.
+"""Attention shared by MLA and GQA: causal attention within packed rows (in XLA, block by block along the
+diagonal, with a flash-style backward), dot-product attention under any mask (decode), and the grouped-query
+attention of the dense students.
 
 Legend beyond `layers.py`: G query heads per key/value head, O value head dim (differs from H in MLA).
 """
