@@ -56,14 +56,13 @@ def initialize_distributed(
         jax.distributed.initialize(
             coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout(env)
         )
-        _join_collectives()
-        return True
-    if _multi_host_tpu(env):
+    elif _multi_host_tpu(env):
         # Coordinator and ids from the TPU metadata server.
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout(env))
-        _join_collectives()
-        return True
-    return False
+    else:
+        return False
+    _join_collectives()
+    return True
 
 
 def _join_collectives() -> None:

@@ -7,19 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from openr1_jax_kernels.flash_attention.reference import attention_mask, flash_attention_reference
 
 from openr1_jax.models.attention import causal_attention, dot_product_attention
 
 
 def plain_attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale):
-    """softmax over every key s <= t of the same segment, differentiated by JAX; N = M * G heads."""
-    B, T, N, H = q_BxTxNxH.shape
-    M = k_BxTxMxH.shape[2]
-    visible_BxTxS = jnp.tril(jnp.ones((T, T), bool))[None] & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None])
-    q = q_BxTxNxH.reshape(B, T, M, N // M, H)
-    scores = jnp.einsum("BTMGH,BSMH->BMGTS", q, k_BxTxMxH) * scale
-    probs = jax.nn.softmax(jnp.where(visible_BxTxS[:, None, None], scores, -jnp.inf), axis=-1)
-    return jnp.einsum("BMGTS,BSMO->BTMGO", probs, v_BxTxMxO).reshape(B, T, N, -1)
+    """The kernels' pure-jnp reference: the whole masked softmax at once, differentiated by JAX."""
+    return flash_attention_reference(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale=scale)
 
 
 def inputs(B, T, N, M, H, O, seed=0):
@@ -80,8 +75,6 @@ def test_the_blocks_skip_the_scores_above_the_diagonal():
         return jax.jit(fn, static_argnums=4).lower(q, k, v, segments, 0.125).compile().cost_analysis()["flops"]
 
     def unblocked(q, k, v, segments, scale):
-        T = q.shape[1]
-        visible = jnp.tril(jnp.ones((T, T), bool))[None] & (segments[:, :, None] == segments[:, None])
-        return dot_product_attention(q, k, v, visible, scale)
+        return dot_product_attention(q, k, v, attention_mask(segments, q.shape[1], causal=True), scale)
 
     assert flops(causal_attention) < 0.6 * flops(unblocked)
