@@ -10,7 +10,8 @@ Device side (static shapes, compiled once per bucket):
   `_decode`   up to `chunk_size` steps of every slot in one `lax.while_loop`: feed each slot's last token at
               its own position (a ragged batch), sample the next, stop on EOS/stop tokens or max_new_tokens.
 Host side, between chunks: read the new tokens, detokenize, check stop strings, hand out text deltas
-(streaming), retire finished rows and prefill waiting ones into their slots (continuous batching).
+(streaming), retire finished rows and prefill waiting ones into their slots (continuous batching). Once no row
+waits for a slot, the host reads each chunk while the next one already runs.
 
 Buckets: the slot count is the smallest power of two >= the rows asked for (at most `max_batch_size`), prompt
 lengths round up to powers of two, the cache to a power of two >= the longest prompt + max_new_tokens.
@@ -173,9 +174,10 @@ def _decode(graphdef, params, buffers, state: DecodeState, *, steps: int) -> Dec
 @jax.jit
 def _host_view(state: DecodeState) -> tuple[jax.Array, ...]:
     """What the host reads between chunks, replicated: with several processes the rows are spread over all of
-    their devices, and each process reads (and makes the same decisions from) every row."""
+    their devices, and each process reads (and makes the same decisions from) every row. Copies, not the state's
+    own buffers: the next chunk may be dispatched (donating the state) before the host reads them."""
     view = (state.count_B, state.done_B, state.tokens_BxM, state.logprobs_BxM)
-    return jax.tree.map(lambda a: constrain(a, (None,) * a.ndim), view)
+    return jax.tree.map(lambda a: constrain(jnp.copy(a), (None,) * a.ndim), view)
 
 
 @partial(jax.jit, donate_argnames=("state",))
@@ -381,6 +383,7 @@ class Engine:
         in_slot: list[_Row | None] = [None] * slots
         bar = tqdm(total=len(rows), desc="generate", unit="seq", disable=not progress, leave=False)
         tokens_done, start = 0, time.perf_counter()
+        ahead = False  # whether the chunk after the one being read is already running
         while waiting or any(in_slot):
             free = [i for i, r in enumerate(in_slot) if r is None]
             if free and waiting:
@@ -392,8 +395,16 @@ class Engine:
                 state = _insert(state, new, jnp.asarray(slot_of_row))
                 for slot, row in zip(targets, batch, strict=True):
                     in_slot[slot] = row
-            state = _decode(self.graphdef, self.params, self.buffers, state, steps=self.chunk_size)
-            count_B, done_B, tokens_BxM, logprobs_BxM = jax.device_get(_host_view(state))
+            if not ahead:
+                state = _decode(self.graphdef, self.params, self.buffers, state, steps=self.chunk_size)
+            view = _host_view(state)
+            # With no row waiting for a slot, the next chunk needs nothing from the host: dispatch it now, so the
+            # device decodes while the host detokenizes this one. A stop string found below then stops its row
+            # one chunk late on the device; the host has retired the row by then and ignores those tokens.
+            ahead = not waiting
+            if ahead:
+                state = _decode(self.graphdef, self.params, self.buffers, state, steps=self.chunk_size)
+            count_B, done_B, tokens_BxM, logprobs_BxM = jax.device_get(view)
             stopped = []
             for slot, row in enumerate(in_slot):
                 if row is None:

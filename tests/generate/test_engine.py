@@ -146,6 +146,24 @@ def test_stop_token_stop_string_and_length(mla_model, tokenizer):
     assert len(short.outputs[0].token_ids) == 2 and len(long.outputs[0].token_ids) == 5
 
 
+def test_stop_strings_found_while_the_next_chunk_runs(mla_model, tokenizer):
+    """Once no row waits for a slot, the engine dispatches the next chunk before it reads the last one, so a row
+    that a stop string ends on the host decodes one more chunk on the device. Its output still ends right
+    before the string, its slot's extra tokens reach no one, and every row stays greedy. Four prompts in two
+    slots: rows 2 and 3 wait at first (refills), then run with the host a chunk behind."""
+    engine = Engine(mla_model, tokenizer, max_batch_size=2, chunk_size=2)
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    free = [out.outputs[0] for out in engine.generate(PROMPTS, greedy)]
+    stops = [c.text[2 * len(c.text) // 3 :][:2] for c in free]  # late in each row's own text
+    outs = engine.generate(PROMPTS, [greedy.replace(stop=(stop,)) for stop in stops])
+    for prompt, want, stop, out in zip(PROMPTS, free, stops, outs, strict=True):
+        got = out.outputs[0]
+        assert_greedy(mla_model, prompt, got.token_ids)
+        assert got.finish_reason == "stop"
+        assert got.text == want.text[: want.text.find(stop)]
+        assert got.token_ids == want.token_ids[: len(got.token_ids)]
+
+
 def test_eos_ends_a_row(mla_model, tokenizer):
     """The tokenizer's EOS stops a row (returned in token_ids, left out of the text)."""
     engine = Engine(mla_model, tokenizer)
