@@ -1,7 +1,8 @@
 """Decode speed: our engine vs transformers' `generate`, same converted weights, same prompts, one script.
 
     python bench/generate_speed.py [--preset tiny-moe] [--batch 16] [--prompt-len 32] [--new-tokens 256]
-                                   [--dtype float32|bfloat16] [--torch-threads N] [--no-torch] [--json OUT]
+                                   [--dtype float32|bfloat16] [--repeats N] [--torch-threads N] [--no-torch]
+                                   [--json OUT]
 
 1. Builds our model from the preset (`build_model(cfg, seed=0)`), saves it as an openr1-jax checkpoint, exports
    that with `convert_jax_to_hf` and loads the export with `transformers.AutoModelForCausalLM` (its default
@@ -10,8 +11,9 @@
    --new-tokens tokens per row (EOS ignored), ours with `Engine.generate`, transformers with
    `model.generate(do_sample=False, min_new_tokens=max_new_tokens)`. The greedy tokens must agree on the first
    16 positions of every row (float32), which shows both sides compute the same thing.
-3. Ours is run once untimed (compilation) and then timed; transformers is timed on its second call. Decode
-   tokens/s = batch * new tokens / wall time of the whole `generate` call (prefill included, it is small).
+3. Each side runs once untimed (ours: compilation), then --repeats timed calls, alternating ours and
+   transformers, and the best call of each counts (a burst of other load on the machine hurts neither side
+   alone). Decode tokens/s = batch * new tokens / wall time of a whole `generate` call (prefill included).
 4. The cache: our bytes per token and layer against a full per-head K/V cache of the same model.
 """
 
@@ -23,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +44,8 @@ def build(preset: str, dtype: str, work: Path):
     return cfg, model, work / "hf"
 
 
-def ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float, dict]:
+def ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[Callable[[], list[list[int]]], dict]:
+    """A call that generates with our engine (compiled by a first call here), and the cache's sizes."""
     from transformers import AutoTokenizer
 
     from openr1_jax.data.embedded import TOKENIZER_DIR
@@ -54,10 +58,11 @@ def ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[in
 
     engine = Engine(model, AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)), max_batch_size=len(prompts))
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True, logprobs=False)
-    engine.generate(prompts, params)  # compile
-    start = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    seconds = time.perf_counter() - start
+
+    def generate() -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+
+    generate()  # compile
     cfg = model.config
     cache_bytes = cache_bytes_per_token_per_layer(model.init_cache(1, 1)[0])
     itemsize = np.dtype(model.dtype).itemsize
@@ -68,10 +73,11 @@ def ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[in
         "full_kv_bytes_per_token_per_layer": full_kv_values_per_token_per_layer(cfg) * itemsize,
         "ratio": full_kv_values_per_token_per_layer(cfg) / values_per_token_per_layer(cfg),
     }
-    return [o.outputs[0].token_ids for o in outs], seconds, cache
+    return generate, cache
 
 
 def transformers_side(hf_dir: Path, prompts: list[list[int]], new_tokens: int, dtype: str, threads: int):
+    """A call that generates with transformers (warmed up by a first call here)."""
     import torch
     import transformers
 
@@ -87,12 +93,20 @@ def transformers_side(hf_dir: Path, prompts: list[list[int]], new_tokens: int, d
         pad_token_id=0,
         use_cache=True,
     )
-    with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), **kw)  # warm up
-        start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-        seconds = time.perf_counter() - start
-    return out[:, ids.shape[1] :].tolist(), seconds
+
+    def generate() -> list[list[int]]:
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        return out[:, ids.shape[1] :].tolist()
+
+    generate()  # warm up
+    return generate
+
+
+def timed(fn: Callable[[], list[list[int]]]) -> tuple[list[list[int]], float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def run(args) -> dict:
@@ -101,7 +115,16 @@ def run(args) -> dict:
         cfg, model, hf_dir = build(args.preset, args.dtype, Path(tmp))
         # Ids 0-9 are the embedded tokenizer's specials (pad, eos, ...): prompts use ordinary tokens.
         prompts = rng.integers(10, cfg.vocab_size, size=(args.batch, args.prompt_len)).tolist()
-        our_tokens, our_s, cache = ours(model, prompts, args.new_tokens)
+        our_generate, cache = ours(model, prompts, args.new_tokens)
+        sides = {"ours": our_generate}
+        if not args.no_torch:
+            sides["transformers"] = transformers_side(hf_dir, prompts, args.new_tokens, args.dtype, args.torch_threads)
+        tokens, seconds = {}, {name: [] for name in sides}
+        for _ in range(args.repeats):
+            for name, generate in sides.items():
+                tokens[name], s = timed(generate)
+                seconds[name].append(s)
+        our_s = min(seconds["ours"])
         total = args.batch * args.new_tokens
         result = {
             "preset": args.preset,
@@ -109,16 +132,19 @@ def run(args) -> dict:
             "batch": args.batch,
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
             "ours_s": our_s,
+            "ours_s_all": seconds["ours"],
             "ours_tokens_per_s": total / our_s,
             "cache": cache,
             "machine": f"{os.cpu_count()} CPU cores",
         }
         if not args.no_torch:
-            hf_tokens, hf_s = transformers_side(hf_dir, prompts, args.new_tokens, args.dtype, args.torch_threads)
-            agree = all(a[:16] == b[:16] for a, b in zip(our_tokens, hf_tokens, strict=True))
+            hf_s = min(seconds["transformers"])
+            agree = all(a[:16] == b[:16] for a, b in zip(tokens["ours"], tokens["transformers"], strict=True))
             result |= {
                 "transformers_s": hf_s,
+                "transformers_s_all": seconds["transformers"],
                 "transformers_tokens_per_s": total / hf_s,
                 "speedup": hf_s / our_s,
                 "torch_threads": args.torch_threads,
@@ -128,7 +154,10 @@ def run(args) -> dict:
 
 
 def report(r: dict) -> None:
-    print(f"{r['preset']} {r['dtype']}, batch {r['batch']} x {r['new_tokens']} new tokens ({r['machine']})")
+    print(
+        f"{r['preset']} {r['dtype']}, batch {r['batch']} x {r['new_tokens']} new tokens ({r['machine']}), "
+        f"best of {r['repeats']} calls each"
+    )
     print(f"  ours:         {r['ours_tokens_per_s']:10.0f} tokens/s  ({r['ours_s']:.2f} s)")
     if "speedup" in r:
         print(f"  transformers: {r['transformers_tokens_per_s']:10.0f} tokens/s  ({r['transformers_s']:.2f} s)")
@@ -148,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per side (best kept)")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-torch", action="store_true", help="only our engine (e.g. on a GPU machine)")
     parser.add_argument("--json", default=None, help="also write the results here")
