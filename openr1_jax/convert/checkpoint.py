@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from openr1_jax.convert.heap import release_free_memory
 from openr1_jax.errors import UserError
 from openr1_jax.models.config import ModelConfig
 from openr1_jax.models.params import from_nested, to_nested
@@ -69,6 +70,7 @@ def save_params(ckpt_dir: Path, groups: Iterable[dict[str, Any]]) -> None:
         for group in groups:
             ocp.partial.save(target, to_nested(group))
             del group  # else it stays alive while the generator builds the next one
+            release_free_memory()
     ocp.partial.finalize(target)
 
 

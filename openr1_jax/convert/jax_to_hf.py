@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from openr1_jax.convert import checkpoint as ckpt
+from openr1_jax.convert.heap import release_free_memory
 from openr1_jax.convert.names import hf_names
 from openr1_jax.convert.safetensors_io import ShardedSafetensorsWriter
 from openr1_jax.errors import UserError
@@ -71,6 +72,7 @@ def convert_jax_to_hf(
                             writer.add(f"model.layers.{L + k}.shared_head.head.weight", layout.to_hf(array)[0])
                     bar.update(array.size)
                 del group, array  # free this group before the next one is read
+                release_free_memory()
         bar.close()
         hf_config = cfg.to_hf_config()
         hf_config["dtype"] = _torch_dtype_name(stored_dtype)

@@ -4,8 +4,9 @@ each direction in its own child process).
 
 The peak does not grow with the checkpoint (it is the interpreter with JAX and orbax, 180-270 MiB depending on
 the environment, plus a few groups, one output shard and the I/O libraries' buffers), so at 1 GB the fixed part
-alone is ~80% of the budget. The test therefore uses a 4 GB checkpoint, where the whole peak must stay under 25%.
-(At 3 GB, jax-to-hf peaked at 577-635 MiB in quiet runs but at 760 MiB, 26.7%, once in a fresh-clone suite run.)"""
+alone is ~80% of the budget. The test therefore uses a 3 GB checkpoint, where the whole peak must stay under 25%.
+(Before the converters gave the heap's free pages back after each group, `convert/heap.py`, jax-to-hf peaked at
+577-760 MiB at 3 GB from run to run, 26.7% once in a fresh-clone suite run; now 520 MiB, 18%.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 from openr1_jax.convert.safetensors_io import SafetensorsReader
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "convert_memory.py"
-SIZE_GB = 4.0
+SIZE_GB = 3.0
 OUT_SHARD_MB = 100
 GOAL = 0.25
 
@@ -44,7 +45,7 @@ def test_streaming_conversion_peak_rss_and_round_trip(tmp_path):
         )
         _check(bench, results, "\n".join(lines))
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # ~4 GB; pytest would keep it around for three sessions
+        shutil.rmtree(work, ignore_errors=True)  # ~9 GB; pytest would keep it around for three sessions
 
 
 def _check(bench, results: dict, table: str) -> None:
