@@ -84,19 +84,20 @@ def visible_mask(start_B: jax.Array, new_tokens: int, length: int) -> jax.Array:
 
 
 def prefix_lengths(length: int, smallest: int = 64) -> list[int]:
-    """The static cache prefixes decode attention may read: powers of two from `smallest`, then the whole."""
+    """The static cache prefixes decode attention may read: powers of two from `smallest` and the halfway
+    points between them (64, 96, 128, 192, ...), then the whole; a row reads at most 1.5x what it has filled."""
     sizes = []
     size = smallest
     while size < length:
-        sizes.append(size)
+        sizes += [s for s in (size, size * 3 // 2) if s < length]
         size *= 2
     return [*sizes, length]
 
 
 def over_filled_prefix(attend, needed: jax.Array, length: int):
     """`attend(L)` for the shortest static prefix L >= `needed` (a traced scalar: the furthest position any row
-    reads, plus one). Decode attention then reads what the rows have filled (within 2x), not the whole
-    preallocated cache: one `lax.switch` branch per prefix length, only the chosen one runs."""
+    reads, plus one). Decode attention then reads what the rows have filled (within 1.5x past 64 positions), not
+    the whole preallocated cache: one `lax.switch` branch per prefix length, only the chosen one runs."""
     sizes = prefix_lengths(length)
     if len(sizes) == 1:
         return attend(length)

@@ -73,6 +73,21 @@ def test_absorbed_latent_decode_equals_expanded_forward(mla_model):
     np.testing.assert_allclose(np.stack(steps, 1), full[:, P - 1 :], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("which", ["mla_model", "dense_model"])
+def test_decode_across_the_cache_prefixes_equals_the_forward(request, which):
+    """Decode attention reads the shortest cache prefix (64, 96, 128, 192, ...) that holds every row: rows of
+    different lengths decoded one step at a time through several prefix switches give the forward's logits."""
+    model = request.getfixturevalue(which)
+    ids = jax.random.randint(jax.random.key(5), (2, 150), 0, model.config.vocab_size)
+    full = np.asarray(call(model, "forward", ids))
+    start = np.array([60, 45])
+    logits, caches = call(model, "prefill", ids[:, :60], jnp.asarray(start), jnp.zeros(256))
+    np.testing.assert_allclose(logits[[0, 1], start - 1], full[[0, 1], start - 1], atol=1e-4, rtol=1e-4)
+    for pos in (start[:, None] + np.arange(90)).T:  # the longest row reads prefixes 64 .. 192 on the way
+        logits, caches = call(model, "decode", ids[[0, 1], pos][:, None], jnp.asarray(pos), caches)
+        np.testing.assert_allclose(logits[:, 0], full[[0, 1], pos], atol=1e-4, rtol=1e-4, err_msg=str(pos))
+
+
 def test_ragged_rows_decode_at_their_own_positions(mla_model):
     """Rows of different prompt lengths in one batch: each row's logits equal its own unpadded forward."""
     model = mla_model
