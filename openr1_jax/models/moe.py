@@ -5,9 +5,10 @@
 Routing (`Router`) follows the reference implementations exactly; dispatch has paths with the same math:
 `ragged` sorts the (token, expert) pairs by expert and runs `jax.lax.ragged_dot` grouped matmuls (no token is
 ever dropped), `pallas` runs the same sorted rows through the Pallas grouped matmul `gmm` (per device, in
-`jax.shard_map` under a sharding context), `dense` runs every expert on every token (a slow reference used by
-tests). Under a sharding context whose mesh splits the experts (`expert` axis > 1), the routed experts run
-expert-parallel in `jax.shard_map` (`sharding/expert_parallel.py`, same math, dropless).
+`jax.shard_map` under a sharding context), `dense` runs every expert on every token (E/K times the routed
+FLOPs; the reference the tests use). Under a sharding context whose mesh splits the experts (`expert` axis
+> 1), the routed experts run expert-parallel in `jax.shard_map` (`sharding/expert_parallel.py`, same math,
+dropless).
 
 Every call sows two `nnx.Intermediate` statistics for the train step: `expert_load` (float32 [E], the global
 number of (token, expert) assignments per routed expert) and `balance_loss` (float32 scalar, DeepSeek-V3's
@@ -143,7 +144,10 @@ class RoutedExperts(nnx.Module):
         E, D, F = w_gate.shape
         T = x_TxD.shape[0]
         x = x_TxD.astype(self.dtype)
-        side_by_side = lambda w_ExDxF: w_ExDxF.transpose(1, 0, 2).reshape(D, E * F)  # noqa: E731
+
+        def side_by_side(w_ExDxF):  # [E, D, F] -> [D, E*F]
+            return w_ExDxF.transpose(1, 0, 2).reshape(D, E * F)
+
         h_TxExF = (jax.nn.silu(x @ side_by_side(w_gate)) * (x @ side_by_side(w_up))).reshape(T, E, F)
         combine_TxE = jnp.sum(gates_TxK[..., None] * (experts_TxK[..., None] == jnp.arange(E)), axis=1)
         h_TxExF = (h_TxExF.astype(jnp.float32) * combine_TxE[..., None]).astype(self.dtype)
