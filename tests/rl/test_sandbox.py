@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from openr1_jax.errors import UserError
@@ -305,21 +306,33 @@ def test_files_are_bounded_in_size_and_total():
         assert "No space left" in run_program(many, "", SandboxConfig(tmp_size_mb=8)).stderr
 
 
+def sandbox_processes_under(ancestor: int) -> set[int]:
+    """The sandboxed programs' processes that descend from `ancestor` (not another test worker's sandboxes)."""
+    found = set()
+    for pid in leftover_sandbox_processes():
+        try:
+            if ancestor in {p.pid for p in psutil.Process(pid).parents()}:
+                found.add(pid)
+        except psutil.Error:
+            pass  # gone while we looked
+    return found
+
+
 def test_sandboxes_die_with_the_process_that_started_them():
     script = (
         "from openr1_jax.rl.sandbox import SandboxConfig, run_program\n"
         "run_program('import time\\ntime.sleep(1000)', '', SandboxConfig(timeout_s=1000))"
     )
-    before = set(leftover_sandbox_processes())  # only this test's sandbox counts, not another test's stragglers
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
-        # Generous: on a loaded 2-core CI machine importing JAX and probing the isolation can take long.
+        # Generous: on a loaded 2-core CI machine importing JAX and probing the isolation can take long. Only the
+        # parent's own descendants count: the other test worker may be running sandboxes of its own meanwhile.
         deadline = time.monotonic() + 180
-        while not (set(leftover_sandbox_processes()) - before) and parent.poll() is None:
+        while not (started := sandbox_processes_under(parent.pid)) and parent.poll() is None:
             assert time.monotonic() < deadline, "the sandboxed program never started"
             time.sleep(0.05)
-        started = set(leftover_sandbox_processes()) - before
-        assert started, f"the parent exited ({parent.returncode}) before its sandbox started: {parent.stderr.read()}"
+        if not started:
+            pytest.fail(f"the parent exited ({parent.returncode}) before its sandbox started: {parent.stderr.read()}")
     finally:  # a parent left running would start its sandbox late and fail the tests after this one
         parent.send_signal(signal.SIGKILL)
         parent.wait()
