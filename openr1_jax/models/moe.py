@@ -149,7 +149,7 @@ class RoutedExperts(nnx.Module):
             return w_ExDxF.transpose(1, 0, 2).reshape(D, E * F)
 
         h_TxExF = (jax.nn.silu(x @ side_by_side(w_gate)) * (x @ side_by_side(w_up))).reshape(T, E, F)
-        combine_TxE = jnp.sum(gates_TxK[..., None] * (experts_TxK[..., None] == jnp.arange(E)), axis=1)
+        combine_TxE = (gates_TxK[..., None] * jax.nn.one_hot(experts_TxK, E, dtype=gates_TxK.dtype)).sum(axis=1)
         h_TxExF = (h_TxExF.astype(jnp.float32) * combine_TxE[..., None]).astype(self.dtype)
         return (h_TxExF.reshape(T, E * F) @ w_down.reshape(E * F, D)).astype(self.dtype)
 
