@@ -9,6 +9,8 @@ Device side (static shapes, compiled once per bucket):
   `_insert`   those rows into free slots of the running decode state.
   `_decode`   up to `chunk_size` steps of every slot in one `lax.while_loop`: feed each slot's last token at
               its own position (a ragged batch), sample the next, stop on EOS/stop tokens or max_new_tokens.
+              Attention reads the shortest cache prefix (64, 96, 128, 192, ...) that holds the chunk's rows,
+              chosen by the host per chunk (one compiled loop per prefix used).
 Host side, between chunks: read the new tokens, detokenize, check stop strings, hand out text deltas
 (streaming), retire finished rows and prefill waiting ones into their slots (continuous batching). Once no row
 waits for a slot, the host reads each chunk while the next one already runs.
@@ -41,6 +43,7 @@ from tqdm.auto import tqdm
 
 from openr1_jax.errors import UserError
 from openr1_jax.generate.sampling import RowSampling, SamplingParams, row_sampling, sample
+from openr1_jax.models import kv_cache
 from openr1_jax.sharding.context import constrain, sharding_context
 from openr1_jax.sharding.init import merge_model, split_model
 from openr1_jax.sharding.rules import DEFAULT_RULES, Rules
@@ -133,11 +136,16 @@ def _insert(state: DecodeState, new: DecodeState, slot_of_row: jax.Array) -> Dec
     return jax.tree.map(lambda s, n: s.at[slot_of_row].set(n, mode="drop"), state, new)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("state",))
-def _decode(graphdef, params, buffers, state: DecodeState, *, steps: int) -> DecodeState:
+@partial(jax.jit, static_argnames=("graphdef", "steps", "prefix"), donate_argnames=("state",))
+def _decode(graphdef, params, buffers, state: DecodeState, *, steps: int, prefix: int) -> DecodeState:
+    """Up to `steps` decode steps attending over the first `prefix` cache positions: the chunk slices the caches
+    once and writes them back once, so no step copies a prefix out of the cache. A row about to write at or past
+    `prefix` ends the chunk early (the host chose `prefix` to hold every row's chunk; this keeps it safe)."""
     model = merge_model(graphdef, params, buffers)
     B, M = state.tokens_BxM.shape
     rows_B = jnp.arange(B)
+    full_caches = state.caches
+    state = dataclasses.replace(state, caches=jax.tree.map(lambda a: a[:, :prefix], full_caches))
 
     def body(carry):
         i, s = carry
@@ -165,10 +173,11 @@ def _decode(graphdef, params, buffers, state: DecodeState, *, steps: int) -> Dec
 
     def cond(carry):
         i, s = carry
-        return (i < steps) & ~jnp.all(s.done_B)
+        return (i < steps) & ~jnp.all(s.done_B) & jnp.all(s.done_B | (s.position_B < prefix))
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-    return state
+    caches = jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, 0, axis=1), full_caches, state.caches)
+    return dataclasses.replace(state, caches=caches)
 
 
 @jax.jit
@@ -176,7 +185,7 @@ def _host_view(state: DecodeState) -> tuple[jax.Array, ...]:
     """What the host reads between chunks, replicated: with several processes the rows are spread over all of
     their devices, and each process reads (and makes the same decisions from) every row. Copies, not the state's
     own buffers: the next chunk may be dispatched (donating the state) before the host reads them."""
-    view = (state.count_B, state.done_B, state.tokens_BxM, state.logprobs_BxM)
+    view = (state.position_B, state.count_B, state.done_B, state.tokens_BxM, state.logprobs_BxM)
     return jax.tree.map(lambda a: constrain(jnp.copy(a), (None,) * a.ndim), view)
 
 
@@ -381,6 +390,19 @@ class Engine:
         )
         waiting = deque(rows)
         in_slot: list[_Row | None] = [None] * slots
+        # Where each slot writes next when the next chunk starts (at most), and the position it never writes
+        # (prompt + max_new_tokens - 1): a chunk attends over the shortest cache prefix that holds every row's
+        # next `chunk_size` positions.
+        next_pos, end_pos = np.zeros(slots, np.int64), np.zeros(slots, np.int64)
+
+        def decode_chunk(state: DecodeState) -> DecodeState:
+            steps = self.chunk_size
+            live = [slot for slot, row in enumerate(in_slot) if row is not None]
+            needed = max((min(next_pos[slot] + steps, end_pos[slot]) for slot in live), default=1)
+            next_pos[live] += steps
+            prefix = kv_cache.shortest_prefix(int(needed), cache_len)
+            return _decode(self.graphdef, self.params, self.buffers, state, steps=steps, prefix=prefix)
+
         bar = tqdm(total=len(rows), desc="generate", unit="seq", disable=not progress, leave=False)
         tokens_done, start = 0, time.perf_counter()
         ahead = False  # whether the chunk after the one being read is already running
@@ -395,20 +417,23 @@ class Engine:
                 state = _insert(state, new, jnp.asarray(slot_of_row))
                 for slot, row in zip(targets, batch, strict=True):
                     in_slot[slot] = row
+                    next_pos[slot] = len(prompt_ids[row.request])
+                    end_pos[slot] = next_pos[slot] + row.params.max_new_tokens - 1
             if not ahead:
-                state = _decode(self.graphdef, self.params, self.buffers, state, steps=self.chunk_size)
+                state = decode_chunk(state)
             view = _host_view(state)
             # With no row waiting for a slot, the next chunk needs nothing from the host: dispatch it now, so the
             # device decodes while the host detokenizes this one. A stop string found below then stops its row
             # one chunk late on the device; the host has retired the row by then and ignores those tokens.
             ahead = not waiting
             if ahead:
-                state = _decode(self.graphdef, self.params, self.buffers, state, steps=self.chunk_size)
-            count_B, done_B, tokens_BxM, logprobs_BxM = jax.device_get(view)
+                state = decode_chunk(state)
+            position_B, count_B, done_B, tokens_BxM, logprobs_BxM = jax.device_get(view)
             stopped = []
             for slot, row in enumerate(in_slot):
                 if row is None:
                     continue
+                next_pos[slot] = position_B[slot] + (self.chunk_size if ahead else 0)
                 n = int(count_B[slot])
                 tokens_done += n - len(row.tokens)
                 row.tokens = tokens_BxM[slot, :n].tolist()

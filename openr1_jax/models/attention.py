@@ -213,15 +213,10 @@ class GQAttention(nnx.Module):
         return self.o_proj(attention(q, k, v, segment_ids_BxT, self.cfg.softmax_scale, self.cfg.impl)), cache
 
     def decode(self, x_BxTxD, cos, sin, cache: KVCache, start_B) -> tuple[jax.Array, KVCache]:
-        """T new tokens per row at positions start_B[b] + t, attending over the whole (masked) cache."""
+        """T new tokens per row at positions start_B[b] + t, attending over the whole (masked) cache it is given
+        (the engine passes each decode chunk the shortest prefix that holds its rows)."""
         q, k, v = self._qkv(x_BxTxD, cos, sin)
         cache = KVCache(kv_cache.write(cache.k_BxSxMxH, k, start_B), kv_cache.write(cache.v_BxSxMxH, v, start_B))
-        T, S = x_BxTxD.shape[1], cache.k_BxSxMxH.shape[1]
-
-        def attend(L: int) -> jax.Array:  # over the first L cache positions
-            mask_BxTxL = kv_cache.visible_mask(start_B, T, L)
-            k, v = cache.k_BxSxMxH[:, :L], cache.v_BxSxMxH[:, :L]
-            return dot_product_attention(q, k, v, mask_BxTxL, self.cfg.softmax_scale)
-
-        out_BxTxNxH = kv_cache.over_filled_prefix(attend, jnp.max(start_B) + T, S)
+        mask_BxTxS = kv_cache.visible_mask(start_B, x_BxTxD.shape[1], cache.k_BxSxMxH.shape[1])
+        out_BxTxNxH = dot_product_attention(q, cache.k_BxSxMxH, cache.v_BxSxMxH, mask_BxTxS, self.cfg.softmax_scale)
         return self.o_proj(out_BxTxNxH), cache

@@ -84,8 +84,8 @@ def visible_mask(start_B: jax.Array, new_tokens: int, length: int) -> jax.Array:
 
 
 def prefix_lengths(length: int, smallest: int = 64) -> list[int]:
-    """The static cache prefixes decode attention may read: powers of two from `smallest` and the halfway
-    points between them (64, 96, 128, 192, ...), then the whole; a row reads at most 1.5x what it has filled."""
+    """The cache prefixes a decode chunk may attend over: powers of two from `smallest` and the halfway points
+    between them (64, 96, 128, 192, ...), then the whole; a chunk reads at most 1.5x what its rows need."""
     sizes = []
     size = smallest
     while size < length:
@@ -94,12 +94,6 @@ def prefix_lengths(length: int, smallest: int = 64) -> list[int]:
     return [*sizes, length]
 
 
-def over_filled_prefix(attend, needed: jax.Array, length: int):
-    """`attend(L)` for the shortest static prefix L >= `needed` (a traced scalar: the furthest position any row
-    reads, plus one). Decode attention then reads what the rows have filled (within 1.5x past 64 positions), not
-    the whole preallocated cache: one `lax.switch` branch per prefix length, only the chosen one runs."""
-    sizes = prefix_lengths(length)
-    if len(sizes) == 1:
-        return attend(length)
-    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), needed.astype(jnp.int32))
-    return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), [lambda L=L: attend(L) for L in sizes])
+def shortest_prefix(needed: int, length: int) -> int:
+    """The shortest of `prefix_lengths(length)` that holds `needed` positions (at most `length`)."""
+    return next((size for size in prefix_lengths(length) if size >= needed), length)

@@ -127,7 +127,9 @@ class MLA(nnx.Module):
           q_nope . k_nope = q_nope . (c_KV W_UK) = (q_nope W_UK^T) . c_KV     -> queries move into latent space
           probs (c_KV W_UV) W_O = (probs c_KV) W_UV W_O                       -> values stay latent until the end
 
-        so attention reads the K + R cached values per token and never builds per-head keys or values."""
+        so attention reads the K + R cached values per token and never builds per-head keys or values. It reads
+        every position of the cache it is given, masked per row: the engine passes each decode chunk the shortest
+        cache prefix that holds its rows (`kv_cache.prefix_lengths`), so nothing is sliced per step."""
         cfg = self.cfg
         Hn = cfg.qk_nope_head_dim
         ckv_BxTxK, k_rope_BxTxR = self.rotated_latents(x_BxTxD, cos, sin)
@@ -140,15 +142,16 @@ class MLA(nnx.Module):
 
         q_nope, q_rope_BxTxNxR = self.rotated_queries(x_BxTxD, cos, sin)
         q_latent_BxTxNxK = jnp.einsum("BTNH,KNH->BTNK", q_nope, w_uk_KxNxHn)
-        T, S = x_BxTxD.shape[1], cache.latent_BxSxK.shape[1]
-
-        def attend(L: int) -> jax.Array:  # over the first L cache positions
-            mask_BxTxL = kv_cache.visible_mask(start_B, T, L)
-            latent, k_rope = cache.latent_BxSxK[:, :L], cache.k_rope_BxSxR[:, :L]
-            return latent_attention(q_latent_BxTxNxK, q_rope_BxTxNxR, latent, k_rope, mask_BxTxL, cfg.softmax_scale)
-
-        if cfg.impl == "xla":
-            out_latent_BxTxNxK = kv_cache.over_filled_prefix(attend, jnp.max(start_B) + T, S)
+        if cfg.impl == "xla":  # every position of the given cache, masked per row
+            T, S = x_BxTxD.shape[1], cache.latent_BxSxK.shape[1]
+            out_latent_BxTxNxK = latent_attention(
+                q_latent_BxTxNxK,
+                q_rope_BxTxNxR,
+                cache.latent_BxSxK,
+                cache.k_rope_BxSxR,
+                kv_cache.visible_mask(start_B, T, S),
+                cfg.softmax_scale,
+            )
         else:  # the kernel reads each row's cache only up to that row's own length
             out_latent_BxTxNxK = kernels.latent_decode_attention(
                 q_latent_BxTxNxK,

@@ -282,7 +282,8 @@ def compile_decode(
             lambda p, b: engine._empty_state(train.graphdef, p, b, **sizes), _unsharded(params), _unsharded(buffers)
         )
         state = jax.tree.map(lambda a: _rows(mesh, a.shape, a.dtype), shapes)
-        lowered = engine._decode.lower(train.graphdef, params, buffers, state, steps=chunk_size)
+        # The longest chunk's program: attention over the whole cache (earlier chunks read a prefix of it).
+        lowered = engine._decode.lower(train.graphdef, params, buffers, state, steps=chunk_size, prefix=cache_len)
         resident = dataclasses.replace(train.bytes(), optimizer=0, gradients=0, kv_cache=per_device_bytes(state))
         return _compile(lowered, resident)
 

@@ -10,7 +10,9 @@ from flax import nnx
 
 from openr1_jax.errors import UserError
 from openr1_jax.generate import Engine, SamplingParams
+from openr1_jax.generate import engine as engine_module
 from openr1_jax.generate.engine import _decode, _without_intermediates
+from openr1_jax.models import kv_cache
 
 PROMPTS = [[5, 17, 300, 42, 9, 77, 120], [8], [400, 1, 2, 3], [33, 44, 55, 66, 77, 88, 99, 111, 222, 333, 444]]
 
@@ -74,18 +76,45 @@ def test_absorbed_latent_decode_equals_expanded_forward(mla_model):
 
 
 @pytest.mark.parametrize("which", ["mla_model", "dense_model"])
-def test_decode_across_the_cache_prefixes_equals_the_forward(request, which):
-    """Decode attention reads the shortest cache prefix (64, 96, 128, 192, ...) that holds every row: rows of
-    different lengths decoded one step at a time through several prefix switches give the forward's logits."""
+def test_decode_across_the_cache_prefixes_equals_the_forward(request, which, tokenizer, monkeypatch):
+    """Each decode chunk attends over the shortest cache prefix (64, 96, 128, 192, ...) that holds its rows' next
+    positions: rows of different lengths, refilled on the way, decoded through chunks that cross several prefixes
+    give the forward's greedy tokens and log-probs, and no chunk reads past what its rows need."""
     model = request.getfixturevalue(which)
-    ids = jax.random.randint(jax.random.key(5), (2, 150), 0, model.config.vocab_size)
-    full = np.asarray(call(model, "forward", ids))
-    start = np.array([60, 45])
-    logits, caches = call(model, "prefill", ids[:, :60], jnp.asarray(start), jnp.zeros(256))
-    np.testing.assert_allclose(logits[[0, 1], start - 1], full[[0, 1], start - 1], atol=1e-4, rtol=1e-4)
-    for pos in (start[:, None] + np.arange(90)).T:  # the longest row reads prefixes 64 .. 192 on the way
-        logits, caches = call(model, "decode", ids[[0, 1], pos][:, None], jnp.asarray(pos), caches)
-        np.testing.assert_allclose(logits[:, 0], full[[0, 1], pos], atol=1e-4, rtol=1e-4, err_msg=str(pos))
+    prefixes = []
+    monkeypatch.setattr(engine_module, "_decode", functools.partial(_recording_decode, prefixes))
+    prompts = [np.random.default_rng(n).integers(0, 512, n).tolist() for n in (60, 45, 20)]
+    engine = Engine(model, tokenizer, max_batch_size=2, chunk_size=16)
+    params = SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True, logprobs=True)
+    for prompt, out in zip(prompts, engine.generate(prompts, params), strict=True):
+        (completion,) = out.outputs
+        assert len(completion.token_ids) == 100
+        assert_greedy(model, prompt, completion.token_ids)
+        logp = jax.nn.log_softmax(forward_logits(model, prompt + completion.token_ids), axis=-1)
+        want = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(completion.token_ids)]
+        np.testing.assert_allclose(completion.logprobs, want, atol=1e-4)
+    # The cache holds 256 positions (60 + 100 rounded up); the longest row never needs more than 159.
+    assert {96, 128, 192} <= set(prefixes) and max(prefixes) == 192, prefixes
+
+
+def test_a_prefix_too_short_for_the_chunk_ends_it_early(mla_model, tokenizer, monkeypatch):
+    """The host picks each chunk's prefix; should it ever pick one too short, the chunk stops before any row writes
+    past it (and the next chunk goes on), so generation stays exact instead of overwriting the cache's end."""
+    prefixes = []
+    monkeypatch.setattr(engine_module, "_decode", functools.partial(_recording_decode, prefixes))
+    shortest = kv_cache.shortest_prefix
+    monkeypatch.setattr(kv_cache, "shortest_prefix", lambda needed, length: shortest(max(needed - 14, 1), length))
+    prompt = np.random.default_rng(1).integers(0, 512, 60).tolist()
+    engine = Engine(mla_model, tokenizer, max_batch_size=1, chunk_size=16)
+    (out,) = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 60
+    assert_greedy(mla_model, prompt, out.outputs[0].token_ids)
+    assert 64 in prefixes  # a chunk that needed 76 positions ran with 64 and stopped at its end
+
+
+def _recording_decode(prefixes, *args, prefix, **kwargs):
+    prefixes.append(prefix)
+    return _decode(*args, prefix=prefix, **kwargs)
 
 
 def test_ragged_rows_decode_at_their_own_positions(mla_model):

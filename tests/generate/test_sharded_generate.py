@@ -51,6 +51,7 @@ def test_sharded_generation_equals_single_device(mesh_cfg, tokenizer):
         sharded.buffers,
         sharded_state(sharded),
         steps=sharded.chunk_size,
+        prefix=32,
     ).compile()
     param_shardings = jax.tree.leaves(compiled.input_shardings[0][0])
     assert all(s.is_equivalent_to(a.sharding, a.ndim) for s, a in zip(param_shardings, state_in, strict=True))
