@@ -175,10 +175,18 @@ def latent_attention(
     scale: float,
 ) -> jax.Array:
     """softmax((q_latent . c_KV + q_rope . k_rope) * scale) c_KV over the cache, softmax in float32; every head
-    reads the same K + R values per key (MQA-like), which is what makes MLA decode memory-light. The output is
-    produced head-major (a plain batched matmul; XLA:CPU is several times slower writing [B, T, N, K] directly)."""
-    scores = jnp.einsum("BTNK,BSK->BNTS", q_latent_BxTxNxK, latent_BxSxK, preferred_element_type=jnp.float32)
-    scores += jnp.einsum("BTNR,BSR->BNTS", q_rope_BxTxNxR, k_rope_BxSxR, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_BxTxS[:, None], scores * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(latent_BxSxK.dtype)
-    return jnp.einsum("BNTS,BSK->BNTK", probs, latent_BxSxK).transpose(0, 2, 1, 3)
+    reads the same K + R values per key (MQA-like), which is what makes MLA decode memory-light. The queries
+    of all T tokens and N heads are the rows of one batched matmul per cache row, scores [B, T*N, S] with the
+    keys minor: XLA:CPU runs it several times faster than scores laid out [B, S, N]."""
+    B, T, N, K = q_latent_BxTxNxK.shape
+
+    def scores(q_BxTxNxH, keys_BxSxH):  # [B, T, N, S]
+        q_BxQxH = q_BxTxNxH.reshape(B, T * N, -1)
+        dims = (((2,), (2,)), ((0,), (0,)))
+        return jax.lax.dot_general(q_BxQxH, keys_BxSxH, dims, preferred_element_type=jnp.float32).reshape(B, T, N, -1)
+
+    scores_BxTxNxS = scores(q_latent_BxTxNxK, latent_BxSxK) + scores(q_rope_BxTxNxR, k_rope_BxSxR)
+    scores_BxTxNxS = jnp.where(mask_BxTxS[:, :, None], scores_BxTxNxS * scale, jnp.finfo(jnp.float32).min)
+    probs_BxQxS = jax.nn.softmax(scores_BxTxNxS, axis=-1).astype(latent_BxSxK.dtype).reshape(B, T * N, -1)
+    out_BxQxK = jax.lax.dot_general(probs_BxQxS, latent_BxSxK, (((2,), (1,)), ((0,), (0,))))
+    return out_BxQxK.reshape(B, T, N, K)
