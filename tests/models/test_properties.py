@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from openr1_jax.models.config import ModelConfig, MoEConfig
-from openr1_jax.models.moe import Router
+from openr1_jax.models.moe import RoutedExperts, Router, dense_costs_little
 from openr1_jax.models.params import build_model
 
 TINY_MOE = ModelConfig(
@@ -101,7 +101,8 @@ def test_dense_and_ragged_dispatch_agree():
     _randomize_biases(ragged)
     dense = build_model(TINY_MOE.replace(moe_impl="dense"), seed=3)
     nnx.update(dense, nnx.state(ragged))
-    ids = jnp.asarray(np.random.RandomState(1).randint(0, 64, (3, 9)))
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 64, (3, 200)))
+    assert not dense_costs_little(ids.size, TINY_MOE.num_experts_per_tok, TINY_MOE.n_routed_experts)  # blocked
 
     def loss(model):
         out = model(ids)
@@ -112,6 +113,20 @@ def test_dense_and_ragged_dispatch_agree():
     np.testing.assert_allclose(l_r, l_d, rtol=1e-6)
     for (path, a), (_, b) in zip(nnx.to_flat_state(g_r), nnx.to_flat_state(g_d), strict=True):
         np.testing.assert_allclose(a.value, b.value, atol=1e-6, rtol=1e-5, err_msg=str(path))
+
+
+def test_ragged_runs_densely_only_where_that_costs_little():
+    """Off TPU, `ragged` takes the dense path when every expert on every token is at most twice the blocked
+    grouped matmul's padded rows: decoding a few rows of a small MoE, not training it, never DeepSeek-V3."""
+    assert dense_costs_little(16, 2, 8) and dense_costs_little(64, 2, 8)  # tiny-moe decoding 16 / 64 rows
+    assert not dense_costs_little(512, 2, 8) and not dense_costs_little(9344, 2, 8)  # its prefill, a GRPO batch
+    assert not any(dense_costs_little(t, 8, 256) for t in (16, 64, 4096))  # V3: E/K = 32
+    cfg = TINY_MOE.moe_config()
+    x = jax.random.normal(jax.random.key(0), (16, cfg.hidden_size))
+    experts = RoutedExperts(cfg, param_dtype=jnp.float32, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    gates, chosen, _ = Router(cfg, rngs=nnx.Rngs(1))(x)
+    # At this decode shape the call goes dense; the blocked form it replaces gives the same output.
+    np.testing.assert_allclose(experts(x, gates, chosen), experts.ragged(x, gates, chosen), atol=1e-6)
 
 
 def _router(cfg: MoEConfig, kernel, bias=None) -> Router:
