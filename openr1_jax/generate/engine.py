@@ -83,6 +83,22 @@ class DecodeState:
     sampling: RowSampling
 
 
+class StaticGraph:
+    """A model's GraphDef as a static jit argument, hashed once. jit hashes its static arguments on every call, and
+    an nnx GraphDef hashes its whole node tree each time (~1 ms for tiny-moe, several times per generate call)."""
+
+    __slots__ = ("_hash", "graphdef")
+
+    def __init__(self, graphdef):
+        self.graphdef, self._hash = graphdef, hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticGraph) and (other.graphdef is self.graphdef or other.graphdef == self.graphdef)
+
+
 def _bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
@@ -91,9 +107,9 @@ def _constrain_rows(tree):
     return jax.tree.map(lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1)), tree)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "cache_len", "max_new"))
+@partial(jax.jit, static_argnames=("graph", "cache_len", "max_new"))
 def _prefill(
-    graphdef,
+    graph: StaticGraph,
     params,
     buffers,
     ids_BpxP: jax.Array,
@@ -106,7 +122,7 @@ def _prefill(
     cache_len: int,
     max_new: int,
 ) -> DecodeState:
-    model = merge_model(graphdef, params, buffers)  # merged per trace: the MoE's sown statistics stay local
+    model = merge_model(graph.graphdef, params, buffers)  # merged per trace: the MoE's sown statistics stay local
     Bp = ids_BpxP.shape[0]
     h_BpxPxD, caches = model.prefill(ids_BpxP, lengths_Bp, model.init_cache(Bp, cache_len))
     last_BpxD = h_BpxPxD[jnp.arange(Bp), lengths_Bp - 1]
@@ -136,12 +152,12 @@ def _insert(state: DecodeState, new: DecodeState, slot_of_row: jax.Array) -> Dec
     return jax.tree.map(lambda s, n: s.at[slot_of_row].set(n, mode="drop"), state, new)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "steps", "prefix"), donate_argnames=("state",))
-def _decode(graphdef, params, buffers, state: DecodeState, *, steps: int, prefix: int) -> DecodeState:
+@partial(jax.jit, static_argnames=("graph", "steps", "prefix"), donate_argnames=("state",))
+def _decode(graph: StaticGraph, params, buffers, state: DecodeState, *, steps: int, prefix: int) -> DecodeState:
     """Up to `steps` decode steps attending over the first `prefix` cache positions: the chunk slices the caches
     once and writes them back once, so no step copies a prefix out of the cache. A row about to write at or past
     `prefix` ends the chunk early (the host chose `prefix` to hold every row's chunk; this keeps it safe)."""
-    model = merge_model(graphdef, params, buffers)
+    model = merge_model(graph.graphdef, params, buffers)
     B, M = state.tokens_BxM.shape
     rows_B = jnp.arange(B)
     full_caches = state.caches
@@ -194,9 +210,9 @@ def _stop_rows(state: DecodeState, slots: jax.Array) -> DecodeState:
     return dataclasses.replace(state, done_B=state.done_B.at[slots].set(True))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "slots", "cache_len", "max_new", "num_stop"))
-def _empty_state(graphdef, params, buffers, *, slots: int, cache_len: int, max_new: int, num_stop: int):
-    model = merge_model(graphdef, params, buffers)
+@partial(jax.jit, static_argnames=("graph", "slots", "cache_len", "max_new", "num_stop"))
+def _empty_state(graph: StaticGraph, params, buffers, *, slots: int, cache_len: int, max_new: int, num_stop: int):
+    model = merge_model(graph.graphdef, params, buffers)
     B = slots
     zeros_B = jnp.zeros((B,), jnp.int32)
     state = DecodeState(
@@ -272,6 +288,7 @@ class Engine:
         if max_batch_size < 1 or chunk_size < 1:
             raise UserError(f"max_batch_size ({max_batch_size}) and chunk_size ({chunk_size}) must be >= 1")
         self.graphdef, self.params, self.buffers = graphdef, params, buffers
+        self.graph = StaticGraph(graphdef)
         self.config = config
         self.tokenizer = tokenizer
         self.mesh, self.rules = mesh, rules
@@ -380,7 +397,7 @@ class Engine:
         max_new = _bucket(max(r.params.max_new_tokens for r in rows))
         num_stop = _bucket(max(max(len(r.stop_ids) for r in rows), 1), minimum=1)
         state = _empty_state(
-            self.graphdef,
+            self.graph,
             self.params,
             self.buffers,
             slots=slots,
@@ -401,7 +418,7 @@ class Engine:
             needed = max((min(next_pos[slot] + steps, end_pos[slot]) for slot in live), default=1)
             next_pos[live] += steps
             prefix = kv_cache.shortest_prefix(int(needed), cache_len)
-            return _decode(self.graphdef, self.params, self.buffers, state, steps=steps, prefix=prefix)
+            return _decode(self.graph, self.params, self.buffers, state, steps=steps, prefix=prefix)
 
         bar = tqdm(total=len(rows), desc="generate", unit="seq", disable=not progress, leave=False)
         tokens_done, start = 0, time.perf_counter()
@@ -469,7 +486,7 @@ class Engine:
             [r.params for r in padded], [r.seed for r in padded], [r.sample for r in padded], self.config.vocab_size
         )
         return _prefill(
-            self.graphdef,
+            self.graph,
             self.params,
             self.buffers,
             jnp.asarray(ids),

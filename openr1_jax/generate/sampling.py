@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from openr1_jax.errors import UserError
 
@@ -131,13 +132,17 @@ def first_argmax(x_BxV: jax.Array) -> jax.Array:
 
 def row_sampling(params: list[SamplingParams], seeds: list[int], samples: list[int], vocab: int) -> RowSampling:
     """Device arrays for rows with the given params, seeds and sample indices (host lists of equal length)."""
-    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
-        jnp.asarray(seeds, jnp.uint32), jnp.asarray(samples, jnp.int32)
-    )
     return RowSampling(
         temperature_B=jnp.asarray([p.temperature for p in params], jnp.float32),
         top_k_B=jnp.asarray([vocab if p.top_k == -1 else p.top_k for p in params], jnp.int32),
         top_p_B=jnp.asarray([p.top_p for p in params], jnp.float32),
         min_p_B=jnp.asarray([p.min_p for p in params], jnp.float32),
-        key_data_BxK=jax.random.key_data(keys),
+        key_data_BxK=_row_keys(np.asarray(seeds, np.uint32), np.asarray(samples, np.int32)),
     )
+
+
+@jax.jit
+def _row_keys(seeds_B, samples_B) -> jax.Array:
+    """fold_in(key(seed), sample index) per row as raw key data, compiled: traced eagerly, the vmap cost several
+    milliseconds of every generate call."""
+    return jax.random.key_data(jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_B, samples_B))

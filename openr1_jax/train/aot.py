@@ -275,15 +275,16 @@ def compile_decode(
     with sharding_context(mesh, DEFAULT_RULES):
         train = abstract_train_state(model_cfg, mesh, tx, dtype, param_dtype)
         params, buffers = train.state.params, train.state.buffers
+        graph = engine.StaticGraph(train.graphdef)
         sizes = dict(slots=slots, cache_len=cache_len, max_new=max_new, num_stop=num_stop)
         # The decode state's shapes from the engine's own constructor; its rows over the batch axes, as the
         # engine constrains them.
         shapes = jax.eval_shape(
-            lambda p, b: engine._empty_state(train.graphdef, p, b, **sizes), _unsharded(params), _unsharded(buffers)
+            lambda p, b: engine._empty_state(graph, p, b, **sizes), _unsharded(params), _unsharded(buffers)
         )
         state = jax.tree.map(lambda a: _rows(mesh, a.shape, a.dtype), shapes)
         # The longest chunk's program: attention over the whole cache (earlier chunks read a prefix of it).
-        lowered = engine._decode.lower(train.graphdef, params, buffers, state, steps=chunk_size, prefix=cache_len)
+        lowered = engine._decode.lower(graph, params, buffers, state, steps=chunk_size, prefix=cache_len)
         resident = dataclasses.replace(train.bytes(), optimizer=0, gradients=0, kv_cache=per_device_bytes(state))
         return _compile(lowered, resident)
 

@@ -46,7 +46,7 @@ def test_sharded_generation_equals_single_device(mesh_cfg, tokenizer):
     used = {k: v for k, v in sharded.params.items() if k != "mtp"}  # decoding never runs the MTP module (pruned)
     state_in = jax.tree.leaves(used)
     compiled = _decode.lower(
-        sharded.graphdef,
+        sharded.graph,
         sharded.params,
         sharded.buffers,
         sharded_state(sharded),
@@ -63,6 +63,4 @@ def sharded_state(engine: Engine):
     from openr1_jax.sharding.context import sharding_context
 
     with sharding_context(engine.mesh, engine.rules):
-        return _empty_state(
-            engine.graphdef, engine.params, engine.buffers, slots=8, cache_len=32, max_new=16, num_stop=1
-        )
+        return _empty_state(engine.graph, engine.params, engine.buffers, slots=8, cache_len=32, max_new=16, num_stop=1)
