@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import time
 from collections import deque
@@ -81,6 +82,13 @@ class DecodeState:
     tokens_BxM: jax.Array  # sampled tokens
     logprobs_BxM: jax.Array
     sampling: RowSampling
+
+
+@functools.lru_cache(maxsize=64)
+def static_graph(graphdef) -> StaticGraph:
+    """The one StaticGraph of equal GraphDefs, so that jit's cache finds its key by identity (engines built on the
+    same model share compiled programs without comparing node trees on every call)."""
+    return StaticGraph(graphdef)
 
 
 class StaticGraph:
@@ -288,7 +296,7 @@ class Engine:
         if max_batch_size < 1 or chunk_size < 1:
             raise UserError(f"max_batch_size ({max_batch_size}) and chunk_size ({chunk_size}) must be >= 1")
         self.graphdef, self.params, self.buffers = graphdef, params, buffers
-        self.graph = StaticGraph(graphdef)
+        self.graph = static_graph(graphdef)
         self.config = config
         self.tokenizer = tokenizer
         self.mesh, self.rules = mesh, rules

@@ -275,7 +275,7 @@ def compile_decode(
     with sharding_context(mesh, DEFAULT_RULES):
         train = abstract_train_state(model_cfg, mesh, tx, dtype, param_dtype)
         params, buffers = train.state.params, train.state.buffers
-        graph = engine.StaticGraph(train.graphdef)
+        graph = engine.static_graph(train.graphdef)
         sizes = dict(slots=slots, cache_len=cache_len, max_new=max_new, num_stop=num_stop)
         # The decode state's shapes from the engine's own constructor; its rows over the batch axes, as the
         # engine constrains them.
