@@ -27,6 +27,11 @@ def default_block(rows: int, groups: int) -> int:
     return min(MAX_BLOCK, 1 << max(0, -(-rows // groups) - 1).bit_length())
 
 
+def block_count(rows: int, groups: int, block: int) -> int:
+    """A static bound on the blocks the padded layout needs: sum_g ceil(M_g / block) <= ceil(M / block) + G."""
+    return -(-rows // block) + groups
+
+
 def blocked_ragged_dot(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Array, block: int | None = None):
     """`jax.lax.ragged_dot(x_MxK, w_GxKxN, group_sizes_G)`: rows of x sorted by group, times their group's weights."""
     M, K = x_MxK.shape
@@ -35,7 +40,7 @@ def blocked_ragged_dot(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.
     dtype = jnp.result_type(x_MxK.dtype, w_GxKxN.dtype)
     sizes_G = group_sizes_G.astype(jnp.int32)
     blocks_G = (sizes_G + block - 1) // block
-    nb = -(-M // block) + G  # a static bound on sum_g blocks_G
+    nb = block_count(M, G, block)
     end_G = jnp.cumsum(sizes_G)
     padded_start_G = jnp.cumsum(blocks_G * block) - blocks_G * block
 

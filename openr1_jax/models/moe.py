@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from openr1_jax.models.blocked_matmul import default_block
+from openr1_jax.models.blocked_matmul import block_count, default_block
 from openr1_jax.models.config import MLPConfig, MoEConfig
 from openr1_jax.models.kernels import grouped_matmul
 from openr1_jax.models.layers import MLP, Dtype, RouterBias, param
@@ -168,8 +168,7 @@ def dense_costs_little(tokens: int, k: int, num_experts: int) -> bool:
     256/8) never qualifies."""
     rows = tokens * k
     block = default_block(rows, num_experts)
-    blocked_rows = (-(-rows // block) + num_experts) * block
-    return tokens * num_experts <= 2 * blocked_rows
+    return tokens * num_experts <= 2 * block_count(rows, num_experts, block) * block
 
 
 class MoE(nnx.Module):
