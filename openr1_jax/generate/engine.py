@@ -415,16 +415,17 @@ class Engine:
         )
         waiting = deque(rows)
         in_slot: list[_Row | None] = [None] * slots
-        # Where each slot writes next when the next chunk starts (at most), and the position it never writes
-        # (prompt + max_new_tokens - 1): a chunk attends over the shortest cache prefix that holds every row's
-        # next `chunk_size` positions.
-        next_pos, end_pos = np.zeros(slots, np.int64), np.zeros(slots, np.int64)
+        # Where each slot writes next when the next chunk starts (at most): a chunk attends over the shortest
+        # cache prefix that holds every row's next `chunk_size` positions, short of the position a row never
+        # writes (prompt + max_new_tokens - 1).
+        next_pos = np.zeros(slots, np.int64)
 
         def decode_chunk(state: DecodeState) -> DecodeState:
             steps = self.chunk_size
-            live = [slot for slot, row in enumerate(in_slot) if row is not None]
-            needed = max((min(next_pos[slot] + steps, end_pos[slot]) for slot in live), default=1)
-            next_pos[live] += steps
+            live = {slot: row for slot, row in enumerate(in_slot) if row is not None}
+            ends = {slot: len(prompt_ids[row.request]) + row.params.max_new_tokens - 1 for slot, row in live.items()}
+            needed = max((min(next_pos[slot] + steps, ends[slot]) for slot in live), default=1)
+            next_pos[list(live)] += steps
             prefix = kv_cache.shortest_prefix(int(needed), cache_len)
             return _decode(self.graph, self.params, self.buffers, state, steps=steps, prefix=prefix)
 
@@ -443,7 +444,6 @@ class Engine:
                 for slot, row in zip(targets, batch, strict=True):
                     in_slot[slot] = row
                     next_pos[slot] = len(prompt_ids[row.request])
-                    end_pos[slot] = next_pos[slot] + row.params.max_new_tokens - 1
             if not ahead:
                 state = decode_chunk(state)
             view = _host_view(state)
