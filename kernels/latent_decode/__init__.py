@@ -5,7 +5,7 @@
 
 Row b's T new tokens sit at cache positions start_B[b] + t (already written to the cache, so
 0 <= start_B[b] <= S - T); token t sees positions s <= start_B[b] + t. Equals
-`openr1_jax.models.mla.latent_attention(..., kv_cache.visible_mask(start_B, T, S), scale)`.
+`openr1_jax.models.mla.latent_attention` over the same cache held positions-minor (`kv_cache.decode_layout`).
 
 implementation: "auto" picks the Pallas TPU kernel when compiling for TPU and the XLA reference elsewhere
 (`lax.platform_dependent` lowers only the compiled platform's branch); "tpu" forces the kernel (with

@@ -163,13 +163,15 @@ def _insert(state: DecodeState, new: DecodeState, slot_of_row: jax.Array) -> Dec
 @partial(jax.jit, static_argnames=("graph", "steps", "prefix"), donate_argnames=("state",))
 def _decode(graph: StaticGraph, params, buffers, state: DecodeState, *, steps: int, prefix: int) -> DecodeState:
     """Up to `steps` decode steps attending over the first `prefix` cache positions: the chunk slices the caches
-    once and writes them back once, so no step copies a prefix out of the cache. A row about to write at or past
-    `prefix` ends the chunk early (the host chose `prefix` to hold every row's chunk; this keeps it safe)."""
+    once (into the layout the model's decode reads fastest) and writes them back once, so no step copies a
+    prefix out of the cache. A row about to write at or past `prefix` ends the chunk early (the host chose
+    `prefix` to hold every row's chunk; this keeps it safe)."""
     model = merge_model(graph.graphdef, params, buffers)
     B, M = state.tokens_BxM.shape
     rows_B = jnp.arange(B)
     full_caches = state.caches
-    state = dataclasses.replace(state, caches=jax.tree.map(lambda a: a[:, :prefix], full_caches))
+    chunk_caches = model.caches_for_decode_loop(jax.tree.map(lambda a: a[:, :prefix], full_caches))
+    state = dataclasses.replace(state, caches=chunk_caches)
 
     def body(carry):
         i, s = carry
@@ -200,7 +202,8 @@ def _decode(graph: StaticGraph, params, buffers, state: DecodeState, *, steps: i
         return (i < steps) & ~jnp.all(s.done_B) & jnp.all(s.done_B | (s.position_B < prefix))
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-    caches = jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, 0, axis=1), full_caches, state.caches)
+    chunk_caches = tuple(kv_cache.storage_layout(cache) for cache in state.caches)
+    caches = jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, 0, axis=1), full_caches, chunk_caches)
     return dataclasses.replace(state, caches=caches)
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from openr1_jax.models import kernels, kv_cache
 from openr1_jax.models.config import GQAConfig
-from openr1_jax.models.kv_cache import KVCache
+from openr1_jax.models.kv_cache import DecodeKVCache, KVCache
 from openr1_jax.models.layers import Dtype, Linear
 from openr1_jax.models.rope import apply_rope
 
@@ -76,6 +76,18 @@ def dot_product_attention(
     out_BxMxRxO, _ = _attend(
         _query_rows(q_BxTxNxH, M), _head_major(k_BxSxMxH), _head_major(v_BxSxMxO), _row_mask(mask_BxTxS, G), scale
     )
+    return _from_query_rows(out_BxMxRxO, q_BxTxNxH.shape[1])
+
+
+def decode_attention(q_BxTxNxH, k_BxMxHxS, v_BxMxSxO, mask_BxTxS, scale: float) -> jax.Array:
+    """`dot_product_attention` over a cache held as `kv_cache.DecodeKVCache`: both products are plain batched
+    matmuls over the cache as it lies, [R, H] x [H, S] and [R, S] x [S, O] per key head."""
+    M = k_BxMxHxS.shape[1]
+    G = q_BxTxNxH.shape[2] // M
+    scores = jnp.einsum("BMRH,BMHS->BMRS", _query_rows(q_BxTxNxH, M), k_BxMxHxS, preferred_element_type=jnp.float32)
+    scores = jnp.where(_row_mask(mask_BxTxS, G), scores * scale, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxMxSxO.dtype)
+    out_BxMxRxO = jnp.einsum("BMRS,BMSO->BMRO", probs, v_BxMxSxO)
     return _from_query_rows(out_BxMxRxO, q_BxTxNxH.shape[1])
 
 
@@ -212,11 +224,17 @@ class GQAttention(nnx.Module):
         cache = KVCache(kv_cache.write(cache.k_BxSxMxH, k, start_B), kv_cache.write(cache.v_BxSxMxH, v, start_B))
         return self.o_proj(attention(q, k, v, segment_ids_BxT, self.cfg.softmax_scale, self.cfg.impl)), cache
 
-    def decode(self, x_BxTxD, cos, sin, cache: KVCache, start_B) -> tuple[jax.Array, KVCache]:
+    def decode(self, x_BxTxD, cos, sin, cache: KVCache | DecodeKVCache, start_B):
         """T new tokens per row at positions start_B[b] + t, attending over the whole (masked) cache it is given
-        (the engine passes each decode chunk the shortest prefix that holds its rows)."""
+        (the engine passes each decode chunk the shortest prefix that holds its rows). Reads the cache in
+        `kv_cache.DecodeKVCache` layout, which the engine holds for a whole chunk; a KVCache is converted for
+        this call. Returns the updated cache in the layout it came in."""
         q, k, v = self._qkv(x_BxTxD, cos, sin)
-        cache = KVCache(kv_cache.write(cache.k_BxSxMxH, k, start_B), kv_cache.write(cache.v_BxSxMxH, v, start_B))
-        mask_BxTxS = kv_cache.visible_mask(start_B, x_BxTxD.shape[1], cache.k_BxSxMxH.shape[1])
-        out_BxTxNxH = dot_product_attention(q, cache.k_BxSxMxH, cache.v_BxSxMxH, mask_BxTxS, self.cfg.softmax_scale)
-        return self.o_proj(out_BxTxNxH), cache
+        given, cache = cache, kv_cache.decode_layout(cache)
+        cache = DecodeKVCache(
+            kv_cache.write(cache.k_BxMxHxS, k.transpose(0, 2, 3, 1), start_B, axis=2),
+            kv_cache.write(cache.v_BxMxSxH, v.transpose(0, 2, 1, 3), start_B, axis=1),
+        )
+        mask_BxTxS = kv_cache.visible_mask(start_B, x_BxTxD.shape[1], cache.k_BxMxHxS.shape[3])
+        out_BxTxNxH = decode_attention(q, cache.k_BxMxHxS, cache.v_BxMxSxH, mask_BxTxS, self.cfg.softmax_scale)
+        return self.o_proj(out_BxTxNxH), kv_cache.in_layout_of(cache, given)

@@ -7,6 +7,8 @@ DeepSeek-V3) instead of the 2 N H_qk-ish values of a full per-head key/value cac
 
 Rows are independent: row b holds its own number of valid entries, and new entries are written at each row's
 own offset, so one batch mixes prompts of different lengths (a ragged batch) without any left padding.
+
+A decode loop holds them in another layout (`DecodeLatentCache`, `DecodeKVCache`), converted once per chunk.
 """
 
 from __future__ import annotations
@@ -34,7 +36,51 @@ class KVCache:
     v_BxSxMxH: jax.Array
 
 
-LayerCache = LatentCache | KVCache
+# A decode loop holds each cache in the layout its products read as plain matrix products (keys positions-minor,
+# [.., H, S], so scores are [R, H] x [H, S]; values positions-major per head), converted once per chunk of steps
+# (`decode_layout`, `storage_layout`). Read positions-major, every step's score product repacks the whole cache as
+# its transposed operand, and GQA's head-major products copied both caches every step (bench/README.md).
+
+
+@struct.dataclass
+class DecodeLatentCache:
+    """A LatentCache positions-minor, [B, K, S] and [B, R, S]. c_KV is both key and value: its value product,
+    c_KV^T probs^T, then has the small probs as its transposed operand rather than the cache."""
+
+    latent_BxKxS: jax.Array
+    k_rope_BxRxS: jax.Array
+
+
+@struct.dataclass
+class DecodeKVCache:
+    """A KVCache head-major: keys positions-minor [B, M, H, S], values [B, M, S, H]."""
+
+    k_BxMxHxS: jax.Array
+    v_BxMxSxH: jax.Array
+
+
+LayerCache = LatentCache | KVCache | DecodeLatentCache | DecodeKVCache
+
+
+def decode_layout(cache: LayerCache) -> DecodeLatentCache | DecodeKVCache:
+    if isinstance(cache, LatentCache):
+        return DecodeLatentCache(jnp.swapaxes(cache.latent_BxSxK, 1, 2), jnp.swapaxes(cache.k_rope_BxSxR, 1, 2))
+    if isinstance(cache, KVCache):
+        return DecodeKVCache(cache.k_BxSxMxH.transpose(0, 2, 3, 1), cache.v_BxSxMxH.transpose(0, 2, 1, 3))
+    return cache
+
+
+def storage_layout(cache: LayerCache) -> LatentCache | KVCache:
+    if isinstance(cache, DecodeLatentCache):
+        return LatentCache(jnp.swapaxes(cache.latent_BxKxS, 1, 2), jnp.swapaxes(cache.k_rope_BxRxS, 1, 2))
+    if isinstance(cache, DecodeKVCache):
+        return KVCache(cache.k_BxMxHxS.transpose(0, 3, 1, 2), cache.v_BxMxSxH.transpose(0, 2, 1, 3))
+    return cache
+
+
+def in_layout_of(cache: LayerCache, like: LayerCache) -> LayerCache:
+    """`cache` in the layout `like` is held in."""
+    return decode_layout(cache) if isinstance(like, DecodeLatentCache | DecodeKVCache) else storage_layout(cache)
 
 
 def init_layer_cache(cfg: MLAConfig | GQAConfig, batch: int, length: int, dtype) -> LayerCache:
@@ -65,16 +111,17 @@ def full_kv_values_per_token_per_layer(cfg: ModelConfig) -> int:
 
 def cache_bytes_per_token_per_layer(cache: LayerCache) -> int:
     """Bytes one token occupies in one layer's cache, read off the arrays themselves."""
-    return sum(a.dtype.itemsize * a.size // (a.shape[0] * a.shape[1]) for a in jax.tree.leaves(cache))
+    return sum(a.dtype.itemsize * a.size // (a.shape[0] * a.shape[1]) for a in jax.tree.leaves(storage_layout(cache)))
 
 
-def write(cache_BxSx_: jax.Array, new_BxTx_: jax.Array, start_B: jax.Array) -> jax.Array:
-    """Row b's T new entries go to positions start_B[b] .. start_B[b] + T - 1."""
+def write(cache_Bx_: jax.Array, new_Bx_: jax.Array, start_B: jax.Array, axis: int = 0) -> jax.Array:
+    """Row b's T new entries (laid out as the cache is, T along `axis` of a row) go to positions start_B[b] ..
+    start_B[b] + T - 1 along that axis."""
 
-    def one_row(cache_Sx_, new_Tx_, start):
-        return jax.lax.dynamic_update_slice_in_dim(cache_Sx_, new_Tx_.astype(cache_Sx_.dtype), start, axis=0)
+    def one_row(cache_row, new_row, start):
+        return jax.lax.dynamic_update_slice_in_dim(cache_row, new_row.astype(cache_row.dtype), start, axis=axis)
 
-    return jax.vmap(one_row)(cache_BxSx_, new_BxTx_, start_B)
+    return jax.vmap(one_row)(cache_Bx_, new_Bx_, start_B)
 
 
 def visible_mask(start_B: jax.Array, new_tokens: int, length: int) -> jax.Array:

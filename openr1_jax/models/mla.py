@@ -20,7 +20,7 @@ from flax import nnx
 from openr1_jax.models import kernels, kv_cache
 from openr1_jax.models.attention import attention
 from openr1_jax.models.config import MLAConfig
-from openr1_jax.models.kv_cache import LatentCache
+from openr1_jax.models.kv_cache import DecodeLatentCache, LatentCache
 from openr1_jax.models.layers import Dtype, Linear, RMSNorm
 from openr1_jax.models.rope import apply_rope
 
@@ -121,7 +121,7 @@ class MLA(nnx.Module):
             kv_cache.write(cache.k_rope_BxSxR, k_rope_BxTxR, start_B),
         )
 
-    def decode(self, x_BxTxD, cos, sin, cache: LatentCache, start_B) -> tuple[jax.Array, LatentCache]:
+    def decode(self, x_BxTxD, cos, sin, cache: LatentCache | DecodeLatentCache, start_B):
         """T new tokens per row at positions start_B[b] + t, absorbed (V2 report, section 2.1.3):
 
           q_nope . k_nope = q_nope . (c_KV W_UK) = (q_nope W_UK^T) . c_KV     -> queries move into latent space
@@ -129,30 +129,40 @@ class MLA(nnx.Module):
 
         so attention reads the K + R cached values per token and never builds per-head keys or values. It reads
         every position of the cache it is given, masked per row: the engine passes each decode chunk the shortest
-        cache prefix that holds its rows (`kv_cache.prefix_lengths`), so nothing is sliced per step."""
+        cache prefix that holds its rows (`kv_cache.prefix_lengths`), so nothing is sliced per step. The XLA path
+        reads the cache positions-minor (`kv_cache.DecodeLatentCache`), the kernel positions-major; the engine
+        holds a chunk's caches in the layout the path reads (`Transformer.caches_for_decode_loop`), and a cache in
+        the other layout is converted for this call. Returns the updated cache in the layout it came in."""
         cfg = self.cfg
         Hn = cfg.qk_nope_head_dim
         ckv_BxTxK, k_rope_BxTxR = self.rotated_latents(x_BxTxD, cos, sin)
-        cache = LatentCache(
-            kv_cache.write(cache.latent_BxSxK, ckv_BxTxK, start_B),
-            kv_cache.write(cache.k_rope_BxSxR, k_rope_BxTxR, start_B),
-        )
+        given = cache
         w_KxNxH = self.kv_b_proj.kernel.value.astype(self.kv_b_proj.dtype)
         w_uk_KxNxHn, w_uv_KxNxO = w_KxNxH[..., :Hn], w_KxNxH[..., Hn:]
 
         q_nope, q_rope_BxTxNxR = self.rotated_queries(x_BxTxD, cos, sin)
         q_latent_BxTxNxK = jnp.einsum("BTNH,KNH->BTNK", q_nope, w_uk_KxNxHn)
         if cfg.impl == "xla":  # every position of the given cache, masked per row
-            T, S = x_BxTxD.shape[1], cache.latent_BxSxK.shape[1]
+            cache = kv_cache.decode_layout(cache)
+            cache = DecodeLatentCache(
+                kv_cache.write(cache.latent_BxKxS, jnp.swapaxes(ckv_BxTxK, 1, 2), start_B, axis=1),
+                kv_cache.write(cache.k_rope_BxRxS, jnp.swapaxes(k_rope_BxTxR, 1, 2), start_B, axis=1),
+            )
+            T, S = x_BxTxD.shape[1], cache.latent_BxKxS.shape[2]
             out_latent_BxTxNxK = latent_attention(
                 q_latent_BxTxNxK,
                 q_rope_BxTxNxR,
-                cache.latent_BxSxK,
-                cache.k_rope_BxSxR,
+                cache.latent_BxKxS,
+                cache.k_rope_BxRxS,
                 kv_cache.visible_mask(start_B, T, S),
                 cfg.softmax_scale,
             )
         else:  # the kernel reads each row's cache only up to that row's own length
+            cache = kv_cache.storage_layout(cache)
+            cache = LatentCache(
+                kv_cache.write(cache.latent_BxSxK, ckv_BxTxK, start_B),
+                kv_cache.write(cache.k_rope_BxSxR, k_rope_BxTxR, start_B),
+            )
             out_latent_BxTxNxK = kernels.latent_decode_attention(
                 q_latent_BxTxNxK,
                 q_rope_BxTxNxR,
@@ -163,30 +173,32 @@ class MLA(nnx.Module):
                 interpret=cfg.impl == "pallas_interpret",
             )
         out_BxTxNxO = jnp.einsum("BTNK,KNO->BTNO", out_latent_BxTxNxK, w_uv_KxNxO)
+        cache = kv_cache.in_layout_of(cache, given)
         return self.o_proj(out_BxTxNxO), cache
 
 
 def latent_attention(
     q_latent_BxTxNxK: jax.Array,
     q_rope_BxTxNxR: jax.Array,
-    latent_BxSxK: jax.Array,
-    k_rope_BxSxR: jax.Array,
+    latent_BxKxS: jax.Array,
+    k_rope_BxRxS: jax.Array,
     mask_BxTxS: jax.Array,
     scale: float,
 ) -> jax.Array:
-    """softmax((q_latent . c_KV + q_rope . k_rope) * scale) c_KV over the cache, softmax in float32; every head
-    reads the same K + R values per key (MQA-like), which is what makes MLA decode memory-light. The queries
-    of all T tokens and N heads are the rows of one batched matmul per cache row, scores [B, T*N, S] with the
-    keys minor: XLA:CPU runs it several times faster than scores laid out [B, S, N]."""
+    """softmax((q_latent . c_KV + q_rope . k_rope) * scale) c_KV over a positions-minor cache, softmax in
+    float32; every head reads the same K + R values per key (MQA-like), which is what makes MLA decode
+    memory-light. The queries of all T tokens and N heads are the rows of one product per cache row:
+    scores [T*N, K] x [K, S], a plain matrix product over the cache as it lies, and the values as
+    c_KV^T probs^T, [K, S] x [S, T*N], whose transposed operand is the small probs rather than the cache."""
     B, T, N, K = q_latent_BxTxNxK.shape
 
-    def scores(q_BxTxNxH, keys_BxSxH):  # [B, T, N, S]
+    def scores(q_BxTxNxH, keys_BxHxS):  # [B, T, N, S]
         q_BxQxH = q_BxTxNxH.reshape(B, T * N, -1)
-        dims = (((2,), (2,)), ((0,), (0,)))
-        return jax.lax.dot_general(q_BxQxH, keys_BxSxH, dims, preferred_element_type=jnp.float32).reshape(B, T, N, -1)
+        dims = (((2,), (1,)), ((0,), (0,)))
+        return jax.lax.dot_general(q_BxQxH, keys_BxHxS, dims, preferred_element_type=jnp.float32).reshape(B, T, N, -1)
 
-    scores_BxTxNxS = scores(q_latent_BxTxNxK, latent_BxSxK) + scores(q_rope_BxTxNxR, k_rope_BxSxR)
+    scores_BxTxNxS = scores(q_latent_BxTxNxK, latent_BxKxS) + scores(q_rope_BxTxNxR, k_rope_BxRxS)
     scores_BxTxNxS = jnp.where(mask_BxTxS[:, :, None], scores_BxTxNxS * scale, jnp.finfo(jnp.float32).min)
-    probs_BxQxS = jax.nn.softmax(scores_BxTxNxS, axis=-1).astype(latent_BxSxK.dtype).reshape(B, T * N, -1)
-    out_BxQxK = jax.lax.dot_general(probs_BxQxS, latent_BxSxK, (((2,), (1,)), ((0,), (0,))))
-    return out_BxQxK.reshape(B, T, N, K)
+    probs_BxQxS = jax.nn.softmax(scores_BxTxNxS, axis=-1).astype(latent_BxKxS.dtype).reshape(B, T * N, -1)
+    out_BxKxQ = jax.lax.dot_general(latent_BxKxS, probs_BxQxS, (((2,), (2,)), ((0,), (0,))))
+    return jnp.swapaxes(out_BxKxQ, 1, 2).reshape(B, T, N, K)

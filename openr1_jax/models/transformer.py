@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from openr1_jax.models import kv_cache
 from openr1_jax.models.attention import GQAttention
 from openr1_jax.models.config import GQAConfig, MLAConfig, MLPConfig, ModelConfig, MoEConfig
 from openr1_jax.models.kv_cache import LayerCache, init_layer_cache
@@ -213,6 +214,14 @@ class CausalLM(nnx.Module):
             new_caches.append(constrain_cache(cache))
             x_BxTxD = constrain(x_BxTxD, RESIDUAL)
         return constrain(self.norm(x_BxTxD), RESIDUAL), tuple(new_caches)
+
+    def caches_for_decode_loop(self, caches: tuple[LayerCache, ...]) -> tuple[LayerCache, ...]:
+        """The caches in the layout `decode` reads fastest, to hold across a loop of decode steps (a cache in
+        the other layout is converted on every call): `kv_cache.decode_layout`, but for the MLA decode kernel,
+        which reads the storage layout. Back with `kv_cache.storage_layout`."""
+        if self.config.attention_impl != "xla" and isinstance(self.config.attention_config(), MLAConfig):
+            return caches
+        return tuple(kv_cache.decode_layout(cache) for cache in caches)
 
     def decode(
         self, input_ids_BxT: jax.Array, start_B: jax.Array, caches: tuple[LayerCache, ...]

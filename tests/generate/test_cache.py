@@ -2,8 +2,13 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
+from openr1_jax.models import kv_cache
 from openr1_jax.models.kv_cache import (
+    DecodeKVCache,
+    DecodeLatentCache,
     KVCache,
     LatentCache,
     cache_bytes_per_token_per_layer,
@@ -52,3 +57,38 @@ def test_a_decode_chunk_reads_the_shortest_prefix_that_holds_its_rows():
     assert prefix_lengths(48) == [48]
     for needed, expected in [(1, 64), (64, 64), (65, 96), (97, 128), (129, 192), (200, 256), (257, 384), (512, 512)]:
         assert shortest_prefix(needed, 512) == expected, needed
+
+
+@pytest.mark.parametrize("kind", ["latent", "kv"])
+def test_the_decode_layout_holds_the_same_entries_positions_minor(kind):
+    """A decode loop's layout (keys positions-minor) converts back exactly, holds the same bytes per token, and a
+    write into it at each row's own offset lands where the same write into the storage layout does."""
+    rng = np.random.default_rng(0)
+    B, S, T = 3, 10, 2
+    if kind == "latent":
+        cache = LatentCache(*(jnp.asarray(rng.normal(size=(B, S, d)), jnp.float32) for d in (6, 2)))
+    else:
+        cache = KVCache(*(jnp.asarray(rng.normal(size=(B, S, 2, 3)), jnp.float32) for _ in range(2)))
+    held = kv_cache.decode_layout(cache)
+    if kind == "latent":
+        assert isinstance(held, DecodeLatentCache)
+        assert held.latent_BxKxS.shape == (B, 6, S) and held.k_rope_BxRxS.shape == (B, 2, S)
+    else:
+        assert isinstance(held, DecodeKVCache)
+        assert held.k_BxMxHxS.shape == (B, 2, 3, S) and held.v_BxMxSxH.shape == (B, 2, S, 3)
+    assert kv_cache.decode_layout(held) is held and kv_cache.storage_layout(cache) is cache
+    jax.tree.map(np.testing.assert_array_equal, kv_cache.storage_layout(held), cache)
+    assert cache_bytes_per_token_per_layer(held) == cache_bytes_per_token_per_layer(cache)
+
+    start_B = jnp.asarray([0, 4, 8])
+    new = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=(B, T, *a.shape[2:])), jnp.float32), cache)
+    want = jax.tree.map(lambda a, n: kv_cache.write(a, n, start_B), cache, new)
+    position_axis = {"latent": (1, 1), "kv": (2, 1)}[kind]  # of a row, in the decode layout
+    new_held = jax.tree.leaves(kv_cache.decode_layout(new))
+    got = type(held)(
+        *(
+            kv_cache.write(a, n, start_B, axis=axis)
+            for a, n, axis in zip(jax.tree.leaves(held), new_held, position_axis, strict=True)
+        )
+    )
+    jax.tree.map(np.testing.assert_array_equal, kv_cache.storage_layout(got), want)

@@ -117,6 +117,40 @@ def _recording_decode(prefixes, *args, prefix, **kwargs):
     return _decode(*args, prefix=prefix, **kwargs)
 
 
+@pytest.mark.parametrize("which", ["mla_model", "dense_model"])
+def test_decode_reads_its_cache_in_either_layout(request, which, tokenizer, monkeypatch):
+    """`decode` given the storage layout or the decode-loop layout (`kv_cache.decode_layout`) computes the same
+    logits and returns the cache in the layout it was given; the engine holds the decode layout in its loop."""
+    model = request.getfixturevalue(which)
+    ids = jax.random.randint(jax.random.key(5), (2, 6), 0, model.config.vocab_size)
+    lengths = jnp.asarray([4, 6])
+    _, caches = call(model, "prefill", ids, lengths, jnp.zeros(16))
+    nxt = ids[:, :1]
+    stored_logits, stored = call(model, "decode", nxt, lengths, caches)
+    held_caches = tuple(kv_cache.decode_layout(c) for c in caches)
+    held_logits, held = call(model, "decode", nxt, lengths, held_caches)
+    np.testing.assert_allclose(held_logits, stored_logits, atol=1e-6)
+    assert [type(c) for c in stored] == [type(c) for c in caches]
+    assert [type(c) for c in held] == [type(c) for c in held_caches]
+    for a, b in zip(stored, held, strict=True):
+        jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), a, kv_cache.storage_layout(b))
+
+    layouts = []
+    decode = type(model).decode
+    monkeypatch.setattr(
+        type(model), "decode", lambda self, i, s, c: layouts.append(type(c[0])) or decode(self, i, s, c)
+    )
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    state = engine_module._empty_state(
+        engine.graph, engine.params, engine.buffers, slots=2, cache_len=16, max_new=4, num_stop=1
+    )
+    # A fresh trace of the loop (a compiled one would not call the spy).
+    jax.make_jaxpr(functools.partial(_decode.__wrapped__, engine.graph, steps=2, prefix=16))(
+        engine.params, engine.buffers, state
+    )
+    assert layouts == [type(held_caches[0])]
+
+
 def test_ragged_rows_decode_at_their_own_positions(mla_model):
     """Rows of different prompt lengths in one batch: each row's logits equal its own unpadded forward."""
     model = mla_model

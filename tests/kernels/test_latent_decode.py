@@ -41,7 +41,8 @@ def kernel(*args, block_s=128, **kw):
 def expected(q_latent, q_rope, latent, k_rope, start_B, *, scale):
     """The package's reference and what MLA.decode runs without the kernel."""
     mask_BxTxS = visible_mask(start_B, q_latent.shape[1], latent.shape[1])
-    model = latent_attention(q_latent, q_rope, latent, k_rope, mask_BxTxS, scale)
+    positions_minor = jnp.swapaxes(latent, 1, 2), jnp.swapaxes(k_rope, 1, 2)  # as MLA.decode's XLA path holds it
+    model = latent_attention(q_latent, q_rope, *positions_minor, mask_BxTxS, scale)
     return latent_decode_attention_reference(q_latent, q_rope, latent, k_rope, start_B, scale=scale), model
 
 
