@@ -160,12 +160,15 @@ def _insert(state: DecodeState, new: DecodeState, slot_of_row: jax.Array) -> Dec
     return jax.tree.map(lambda s, n: s.at[slot_of_row].set(n, mode="drop"), state, new)
 
 
-@partial(jax.jit, static_argnames=("graph", "steps", "prefix"), donate_argnames=("state",))
-def _decode(graph: StaticGraph, params, buffers, state: DecodeState, *, steps: int, prefix: int) -> DecodeState:
+@partial(jax.jit, static_argnames=("graph", "steps", "prefix", "logprobs"), donate_argnames=("state",))
+def _decode(
+    graph: StaticGraph, params, buffers, state: DecodeState, *, steps: int, prefix: int, logprobs: bool = True
+) -> DecodeState:
     """Up to `steps` decode steps attending over the first `prefix` cache positions: the chunk slices the caches
     once (into the layout the model's decode reads fastest) and writes them back once, so no step copies a
     prefix out of the cache. A row about to write at or past `prefix` ends the chunk early (the host chose
-    `prefix` to hold every row's chunk; this keeps it safe)."""
+    `prefix` to hold every row's chunk; this keeps it safe). logprobs=False: no row of the call wants them, so
+    none are computed (the log_softmax over the vocabulary is ~3% of a small model's step)."""
     model = merge_model(graph.graphdef, params, buffers)
     B, M = state.tokens_BxM.shape
     rows_B = jnp.arange(B)
@@ -176,7 +179,7 @@ def _decode(graph: StaticGraph, params, buffers, state: DecodeState, *, steps: i
     def body(carry):
         i, s = carry
         h_BxTxD, caches = model.decode(s.token_B[:, None], s.position_B, s.caches)
-        token_B, logprob_B = sample(model.head(h_BxTxD)[:, 0], s.sampling, s.count_B)
+        token_B, logprob_B = sample(model.head(h_BxTxD)[:, 0], s.sampling, s.count_B, logprobs=logprobs)
         live_B = ~s.done_B
         slot_B = jnp.minimum(s.count_B, M - 1)
         tokens_BxM = s.tokens_BxM.at[rows_B, slot_B].set(jnp.where(live_B, token_B, s.tokens_BxM[rows_B, slot_B]))
@@ -422,6 +425,7 @@ class Engine:
         # cache prefix that holds every row's next `chunk_size` positions, short of the position a row never
         # writes (prompt + max_new_tokens - 1).
         next_pos = np.zeros(slots, np.int64)
+        logprobs = any(row.params.logprobs for row in rows)
 
         def decode_chunk(state: DecodeState) -> DecodeState:
             steps = self.chunk_size
@@ -430,7 +434,7 @@ class Engine:
             needed = max((min(next_pos[slot] + steps, ends[slot]) for slot in live), default=1)
             next_pos[list(live)] += steps
             prefix = kv_cache.shortest_prefix(int(needed), cache_len)
-            return _decode(self.graph, self.params, self.buffers, state, steps=steps, prefix=prefix)
+            return _decode(self.graph, self.params, self.buffers, state, steps=steps, prefix=prefix, logprobs=logprobs)
 
         bar = tqdm(total=len(rows), desc="generate", unit="seq", disable=not progress, leave=False)
         tokens_done, start = 0, time.perf_counter()

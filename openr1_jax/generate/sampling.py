@@ -95,11 +95,15 @@ def scaled_logits(logits_BxV: jax.Array, temperature_B: jax.Array) -> jax.Array:
     return logits_BxV.astype(jnp.float32) / t_B[:, None]
 
 
-def sample(logits_BxV: jax.Array, row: RowSampling, step_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One token per row and its logprob; `step_B` counts the tokens the row has sampled so far.
+def sample(
+    logits_BxV: jax.Array, row: RowSampling, step_B: jax.Array, *, logprobs: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row and its logprob (zeros with logprobs=False); `step_B` counts the tokens the row has
+    sampled so far.
 
     The vocabulary sort behind the filters costs more than a small model's decode step on a CPU, so it runs
-    only when some row filters, and the random draw only when some row samples (both decided on device)."""
+    only when some row filters, and the random draw only when some row samples (both decided on device); the
+    log_softmax over the vocabulary only when the caller wants logprobs."""
     V = logits_BxV.shape[-1]
     scaled_BxV = scaled_logits(logits_BxV, row.temperature_B)
     filters = jnp.any((row.top_k_B < V) | (row.top_p_B < 1.0) | (row.min_p_B > 0.0))
@@ -118,6 +122,8 @@ def sample(logits_BxV: jax.Array, row: RowSampling, step_B: jax.Array) -> tuple[
     greedy_B = first_argmax(scaled_BxV)
     drawn_B = jax.lax.cond(sampling, draw, lambda x: greedy_B, scaled_BxV)
     token_B = jnp.where(row.temperature_B > 0, drawn_B, greedy_B)
+    if not logprobs:
+        return token_B, jnp.zeros(token_B.shape, jnp.float32)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
     return token_B, logprob_B
 

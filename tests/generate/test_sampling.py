@@ -71,6 +71,10 @@ def test_samples_follow_the_filtered_distribution():
     np.testing.assert_allclose(counts, [0.3 / 0.7, 0, 0.4 / 0.7, 0, 0], atol=0.03)
     # logprobs are those of the unfiltered temperature-1 distribution
     np.testing.assert_allclose(np.asarray(logprobs), np.log(PROBS)[np.asarray(tokens)], rtol=1e-5)
+    # Without logprobs (no request of the call asked): the same draws, no log_softmax.
+    same, zeros = sample(jnp.repeat(LOGITS, n, axis=0), rows, jnp.zeros((n,), jnp.int32), logprobs=False)
+    np.testing.assert_array_equal(same, tokens)
+    assert not np.asarray(zeros).any()
 
 
 def test_greedy_and_seeds():
