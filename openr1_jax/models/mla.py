@@ -201,4 +201,6 @@ def latent_attention(
     scores_BxTxNxS = jnp.where(mask_BxTxS[:, :, None], scores_BxTxNxS * scale, jnp.finfo(jnp.float32).min)
     probs_BxQxS = jax.nn.softmax(scores_BxTxNxS, axis=-1).astype(latent_BxKxS.dtype).reshape(B, T * N, -1)
     out_BxKxQ = jax.lax.dot_general(latent_BxKxS, probs_BxQxS, (((2,), (2,)), ((0,), (0,))))
+    # Else XLA folds the swapaxes below into the product and computes probs . c_KV^T, repacking the cache.
+    out_BxKxQ = jax.lax.optimization_barrier(out_BxKxQ)
     return jnp.swapaxes(out_BxKxQ, 1, 2).reshape(B, T, N, K)
