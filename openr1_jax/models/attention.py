@@ -1,6 +1,6 @@
 """Attention shared by MLA and GQA: causal attention within packed rows (in XLA, block by block along the
-diagonal, with a flash-style backward), dot-product attention under any mask (decode), and the grouped-query
-attention of the dense students.
+diagonal, with a flash-style backward), attention under any mask over a decode loop's cache, and the
+grouped-query attention of the dense students.
 
 Legend beyond `layers.py`: G query heads per key/value head, O value head dim (differs from H in MLA).
 """
@@ -62,26 +62,11 @@ def _attend(q_BxMxRxH, k_BxMxSxH, v_BxMxSxO, mask_Bx1xRxS, scale: float) -> tupl
     return (pv / total).astype(v_BxMxSxO.dtype), peak + jnp.log(total)
 
 
-def dot_product_attention(
-    q_BxTxNxH: jax.Array,
-    k_BxSxMxH: jax.Array,
-    v_BxSxMxO: jax.Array,
-    mask_BxTxS: jax.Array,
-    scale: float,
-) -> jax.Array:
-    """softmax(q k^T * scale + mask) v with the softmax in float32; N = M * G query heads share a key head. Every
-    query must see at least one key (true of causal rows and of the decode masks)."""
-    M = k_BxSxMxH.shape[2]
-    G = q_BxTxNxH.shape[2] // M
-    out_BxMxRxO, _ = _attend(
-        _query_rows(q_BxTxNxH, M), _head_major(k_BxSxMxH), _head_major(v_BxSxMxO), _row_mask(mask_BxTxS, G), scale
-    )
-    return _from_query_rows(out_BxMxRxO, q_BxTxNxH.shape[1])
-
-
 def decode_attention(q_BxTxNxH, k_BxMxHxS, v_BxMxSxO, mask_BxTxS, scale: float) -> jax.Array:
-    """`dot_product_attention` over a cache held as `kv_cache.DecodeKVCache`: both products are plain batched
-    matmuls over the cache as it lies, [R, H] x [H, S] and [R, S] x [S, O] per key head."""
+    """softmax(q k^T * scale + mask) v, the softmax in float32, over keys and values laid out as a decode loop
+    holds them (`kv_cache.DecodeKVCache`): both products are plain batched matmuls over the cache as it lies,
+    [R, H] x [H, S] and [R, S] x [S, O] per key head. N = M * G query heads share a key head; every query must
+    see at least one key (true of the decode masks)."""
     M = k_BxMxHxS.shape[1]
     G = q_BxTxNxH.shape[2] // M
     scores = jnp.einsum("BMRH,BMHS->BMRS", _query_rows(q_BxTxNxH, M), k_BxMxHxS, preferred_element_type=jnp.float32)

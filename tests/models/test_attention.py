@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from openr1_jax_kernels.flash_attention.reference import attention_mask, flash_attention_reference
 
-from openr1_jax.models.attention import causal_attention, dot_product_attention
+from openr1_jax.models.attention import causal_attention, decode_attention
 
 
 def plain_attention(q_BxTxNxH, k_BxTxMxH, v_BxTxMxO, segment_ids_BxT, scale):
@@ -74,7 +74,8 @@ def test_the_blocks_skip_the_scores_above_the_diagonal():
     def flops(fn):
         return jax.jit(fn, static_argnums=4).lower(q, k, v, segments, 0.125).compile().cost_analysis()["flops"]
 
-    def unblocked(q, k, v, segments, scale):
-        return dot_product_attention(q, k, v, attention_mask(segments, q.shape[1], causal=True), scale)
+    def unblocked(q, k, v, segments, scale):  # every score, under the causal mask
+        mask = attention_mask(segments, q.shape[1], causal=True)
+        return decode_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask, scale)
 
     assert flops(causal_attention) < 0.6 * flops(unblocked)
