@@ -206,7 +206,7 @@ class GQAttention(nnx.Module):
         """A prompt from position 0 of an empty cache: attention over the prompt, its keys/values cached."""
         q, k, v = self._qkv(x_BxTxD, cos, sin)
         start_B = jnp.zeros((x_BxTxD.shape[0],), jnp.int32)
-        cache = KVCache(kv_cache.write(cache.k_BxSxMxH, k, start_B), kv_cache.write(cache.v_BxSxMxH, v, start_B))
+        cache = kv_cache.write_entries(cache, KVCache(k, v), start_B)
         return self.o_proj(attention(q, k, v, segment_ids_BxT, self.cfg.softmax_scale, self.cfg.impl)), cache
 
     def decode(self, x_BxTxD, cos, sin, cache: KVCache | DecodeKVCache, start_B):
@@ -215,11 +215,7 @@ class GQAttention(nnx.Module):
         `kv_cache.DecodeKVCache` layout, which the engine holds for a whole chunk; a KVCache is converted for
         this call. Returns the updated cache in the layout it came in."""
         q, k, v = self._qkv(x_BxTxD, cos, sin)
-        given, cache = cache, kv_cache.decode_layout(cache)
-        cache = DecodeKVCache(
-            kv_cache.write(cache.k_BxMxHxS, k.transpose(0, 2, 3, 1), start_B, axis=2),
-            kv_cache.write(cache.v_BxMxSxH, v.transpose(0, 2, 1, 3), start_B, axis=1),
-        )
+        given, cache = cache, kv_cache.write_entries(kv_cache.decode_layout(cache), KVCache(k, v), start_B)
         mask_BxTxS = kv_cache.visible_mask(start_B, x_BxTxD.shape[1], cache.k_BxMxHxS.shape[3])
         out_BxTxNxH = decode_attention(q, cache.k_BxMxHxS, cache.v_BxMxSxH, mask_BxTxS, self.cfg.softmax_scale)
         return self.o_proj(out_BxTxNxH), kv_cache.in_layout_of(cache, given)

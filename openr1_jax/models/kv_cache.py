@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from openr1_jax.models.config import GQAConfig, MLAConfig, ModelConfig
@@ -62,25 +63,41 @@ class DecodeKVCache:
 LayerCache = LatentCache | KVCache | DecodeLatentCache | DecodeKVCache
 
 
+# Each storage layout's decode-loop twin, and where each of its arrays' storage axes go there (one permutation per
+# field; the way back and the position axis are derived from it).
+_DECODE_AXES = {
+    LatentCache: (DecodeLatentCache, ((0, 2, 1), (0, 2, 1))),
+    KVCache: (DecodeKVCache, ((0, 2, 3, 1), (0, 2, 1, 3))),
+}
+
+
 def decode_layout(cache: LayerCache) -> DecodeLatentCache | DecodeKVCache:
-    if isinstance(cache, LatentCache):
-        return DecodeLatentCache(jnp.swapaxes(cache.latent_BxSxK, 1, 2), jnp.swapaxes(cache.k_rope_BxSxR, 1, 2))
-    if isinstance(cache, KVCache):
-        return DecodeKVCache(cache.k_BxSxMxH.transpose(0, 2, 3, 1), cache.v_BxSxMxH.transpose(0, 2, 1, 3))
-    return cache
+    if type(cache) not in _DECODE_AXES:
+        return cache
+    held, axes = _DECODE_AXES[type(cache)]
+    return held(*(a.transpose(order) for a, order in zip(jax.tree.leaves(cache), axes, strict=True)))
 
 
 def storage_layout(cache: LayerCache) -> LatentCache | KVCache:
-    if isinstance(cache, DecodeLatentCache):
-        return LatentCache(jnp.swapaxes(cache.latent_BxKxS, 1, 2), jnp.swapaxes(cache.k_rope_BxRxS, 1, 2))
-    if isinstance(cache, DecodeKVCache):
-        return KVCache(cache.k_BxMxHxS.transpose(0, 3, 1, 2), cache.v_BxMxSxH.transpose(0, 2, 1, 3))
+    for stored, (held, axes) in _DECODE_AXES.items():
+        if isinstance(cache, held):
+            back = [tuple(int(i) for i in np.argsort(order)) for order in axes]
+            return stored(*(a.transpose(order) for a, order in zip(jax.tree.leaves(cache), back, strict=True)))
     return cache
 
 
 def in_layout_of(cache: LayerCache, like: LayerCache) -> LayerCache:
     """`cache` in the layout `like` is held in."""
     return decode_layout(cache) if isinstance(like, DecodeLatentCache | DecodeKVCache) else storage_layout(cache)
+
+
+def write_entries(cache: LayerCache, new: LatentCache | KVCache, start_B: jax.Array) -> LayerCache:
+    """`write` for a whole layer cache in either layout: `new` holds T positions per row in the storage layout
+    and lands at positions start_B[b] .. start_B[b] + T - 1 of `cache`, which keeps its layout."""
+    held = next((axes for h, axes in _DECODE_AXES.values() if isinstance(cache, h)), None)
+    position_axes = [1] * len(jax.tree.leaves(new)) if held is None else [order.index(1) for order in held]
+    arrays = zip(jax.tree.leaves(cache), jax.tree.leaves(in_layout_of(new, cache)), position_axes, strict=True)
+    return type(cache)(*(write(a, n, start_B, axis=axis - 1) for a, n, axis in arrays))
 
 
 def init_layer_cache(cfg: MLAConfig | GQAConfig, batch: int, length: int, dtype) -> LayerCache:

@@ -114,12 +114,9 @@ class MLA(nnx.Module):
     def prefill(self, x_BxTxD, cos, sin, segment_ids_BxT, cache: LatentCache) -> tuple[jax.Array, LatentCache]:
         """A prompt from position 0 of an empty cache: the expanded attention over the prompt itself (cheaper
         than the absorbed form when T is large), keeping only the latents in the cache."""
-        out, (ckv_BxTxK, k_rope_BxTxR) = self._expanded(x_BxTxD, cos, sin, segment_ids_BxT)
+        out, latents = self._expanded(x_BxTxD, cos, sin, segment_ids_BxT)
         start_B = jnp.zeros((x_BxTxD.shape[0],), jnp.int32)
-        return out, LatentCache(
-            kv_cache.write(cache.latent_BxSxK, ckv_BxTxK, start_B),
-            kv_cache.write(cache.k_rope_BxSxR, k_rope_BxTxR, start_B),
-        )
+        return out, kv_cache.write_entries(cache, LatentCache(*latents), start_B)
 
     def decode(self, x_BxTxD, cos, sin, cache: LatentCache | DecodeLatentCache, start_B):
         """T new tokens per row at positions start_B[b] + t, absorbed (V2 report, section 2.1.3):
@@ -135,19 +132,14 @@ class MLA(nnx.Module):
         the other layout is converted for this call. Returns the updated cache in the layout it came in."""
         cfg = self.cfg
         Hn = cfg.qk_nope_head_dim
-        ckv_BxTxK, k_rope_BxTxR = self.rotated_latents(x_BxTxD, cos, sin)
-        given = cache
+        new, given = LatentCache(*self.rotated_latents(x_BxTxD, cos, sin)), cache
         w_KxNxH = self.kv_b_proj.kernel.value.astype(self.kv_b_proj.dtype)
         w_uk_KxNxHn, w_uv_KxNxO = w_KxNxH[..., :Hn], w_KxNxH[..., Hn:]
 
         q_nope, q_rope_BxTxNxR = self.rotated_queries(x_BxTxD, cos, sin)
         q_latent_BxTxNxK = jnp.einsum("BTNH,KNH->BTNK", q_nope, w_uk_KxNxHn)
         if cfg.impl == "xla":  # every position of the given cache, masked per row
-            cache = kv_cache.decode_layout(cache)
-            cache = DecodeLatentCache(
-                kv_cache.write(cache.latent_BxKxS, jnp.swapaxes(ckv_BxTxK, 1, 2), start_B, axis=1),
-                kv_cache.write(cache.k_rope_BxRxS, jnp.swapaxes(k_rope_BxTxR, 1, 2), start_B, axis=1),
-            )
+            cache = kv_cache.write_entries(kv_cache.decode_layout(cache), new, start_B)
             T, S = x_BxTxD.shape[1], cache.latent_BxKxS.shape[2]
             out_latent_BxTxNxK = latent_attention(
                 q_latent_BxTxNxK,
@@ -158,11 +150,7 @@ class MLA(nnx.Module):
                 cfg.softmax_scale,
             )
         else:  # the kernel reads each row's cache only up to that row's own length
-            cache = kv_cache.storage_layout(cache)
-            cache = LatentCache(
-                kv_cache.write(cache.latent_BxSxK, ckv_BxTxK, start_B),
-                kv_cache.write(cache.k_rope_BxSxR, k_rope_BxTxR, start_B),
-            )
+            cache = kv_cache.write_entries(kv_cache.storage_layout(cache), new, start_B)
             out_latent_BxTxNxK = kernels.latent_decode_attention(
                 q_latent_BxTxNxK,
                 q_rope_BxTxNxR,

@@ -83,12 +83,7 @@ def test_the_decode_layout_holds_the_same_entries_positions_minor(kind):
     start_B = jnp.asarray([0, 4, 8])
     new = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=(B, T, *a.shape[2:])), jnp.float32), cache)
     want = jax.tree.map(lambda a, n: kv_cache.write(a, n, start_B), cache, new)
-    position_axis = {"latent": (1, 1), "kv": (2, 1)}[kind]  # of a row, in the decode layout
-    new_held = jax.tree.leaves(kv_cache.decode_layout(new))
-    got = type(held)(
-        *(
-            kv_cache.write(a, n, start_B, axis=axis)
-            for a, n, axis in zip(jax.tree.leaves(held), new_held, position_axis, strict=True)
-        )
-    )
+    got = kv_cache.write_entries(held, new, start_B)
+    assert type(got) is type(held)
+    jax.tree.map(np.testing.assert_array_equal, kv_cache.write_entries(cache, new, start_B), want)
     jax.tree.map(np.testing.assert_array_equal, kv_cache.storage_layout(got), want)
