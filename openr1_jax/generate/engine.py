@@ -160,15 +160,25 @@ def _insert(state: DecodeState, new: DecodeState, slot_of_row: jax.Array) -> Dec
     return jax.tree.map(lambda s, n: s.at[slot_of_row].set(n, mode="drop"), state, new)
 
 
-@partial(jax.jit, static_argnames=("graph", "steps", "prefix", "logprobs"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("graph", "steps", "prefix", "logprobs", "unroll"), donate_argnames=("state",))
 def _decode(
-    graph: StaticGraph, params, buffers, state: DecodeState, *, steps: int, prefix: int, logprobs: bool = True
+    graph: StaticGraph,
+    params,
+    buffers,
+    state: DecodeState,
+    *,
+    steps: int,
+    prefix: int,
+    logprobs: bool = True,
+    unroll: int = 1,
 ) -> DecodeState:
     """Up to `steps` decode steps attending over the first `prefix` cache positions: the chunk slices the caches
     once (into the layout the model's decode reads fastest) and writes them back once, so no step copies a
     prefix out of the cache. A row about to write at or past `prefix` ends the chunk early (the host chose
     `prefix` to hold every row's chunk; this keeps it safe). logprobs=False: no row of the call wants them, so
-    none are computed (the log_softmax over the vocabulary is ~3% of a small model's step)."""
+    none are computed (the log_softmax over the vocabulary is ~3% of a small model's step). unroll=u: a first
+    loop runs u steps per iteration while all u would run, a second loop the rest (the same steps, the same
+    results; `openr1-jax plan` compiles u=2 to tell one step's cost from the chunk's one-off work)."""
     model = merge_model(graph.graphdef, params, buffers)
     B, M = state.tokens_BxM.shape
     rows_B = jnp.arange(B)
@@ -176,7 +186,7 @@ def _decode(
     chunk_caches = model.caches_for_decode_loop(jax.tree.map(lambda a: a[:, :prefix], full_caches))
     state = dataclasses.replace(state, caches=chunk_caches)
 
-    def body(carry):
+    def step(carry):
         i, s = carry
         h_BxTxD, caches = model.decode(s.token_B[:, None], s.position_B, s.caches)
         token_B, logprob_B = sample(model.head(h_BxTxD)[:, 0], s.sampling, s.count_B, logprobs=logprobs)
@@ -200,11 +210,24 @@ def _decode(
         )
         return i + 1, _constrain_rows(s)
 
-    def cond(carry):
+    def go_on(carry):
         i, s = carry
         return (i < steps) & ~jnp.all(s.done_B) & jnp.all(s.done_B | (s.position_B < prefix))
 
-    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    def go_on_for_all(carry):  # all `unroll` next steps would run (a row done midway does nothing in the rest)
+        i, s = carry
+        fits_B = s.position_B + (unroll - 1) < prefix
+        return (i + (unroll - 1) < steps) & ~jnp.all(s.done_B) & jnp.all(s.done_B | fits_B)
+
+    def unrolled(carry):
+        for _ in range(unroll):
+            carry = step(carry)
+        return carry
+
+    carry = (jnp.int32(0), state)
+    if unroll > 1:
+        carry = jax.lax.while_loop(go_on_for_all, unrolled, carry)
+    _, state = jax.lax.while_loop(go_on, step, carry)
     chunk_caches = tuple(kv_cache.storage_layout(cache) for cache in state.caches)
     caches = jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, 0, axis=1), full_caches, chunk_caches)
     return dataclasses.replace(state, caches=caches)

@@ -112,6 +112,26 @@ def test_a_prefix_too_short_for_the_chunk_ends_it_early(mla_model, tokenizer, mo
     assert 64 in prefixes  # a chunk that needed 76 positions ran with 64 and stopped at its end
 
 
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_an_unrolled_decode_loop_runs_the_same_steps(mla_model, tokenizer, monkeypatch, unroll):
+    """`_decode(unroll=u)` (how `openr1-jax plan` tells one decode step's cost from the chunk's one-off work) runs
+    the steps of the plain loop: rows of different lengths and budgets, slots refilled, sampled tokens, and
+    chunks whose prefix is too short for them give the same tokens and log-probs."""
+    shortest = kv_cache.shortest_prefix
+    monkeypatch.setattr(kv_cache, "shortest_prefix", lambda needed, length: shortest(max(needed - 5, 1), length))
+    prompts = [np.random.default_rng(n).integers(0, 512, n).tolist() for n in (60, 9, 33)]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=m, seed=3, n=2, logprobs=True) for m in (31, 12, 40)]
+
+    def generations():
+        engine = Engine(mla_model, tokenizer, max_batch_size=4, chunk_size=8)
+        return [(c.token_ids, c.logprobs) for out in engine.generate(prompts, params) for c in out.outputs]
+
+    plain = generations()
+    monkeypatch.setattr(engine_module, "_decode", functools.partial(_decode, unroll=unroll))
+    assert generations() == plain
+    assert sorted(len(tokens) for tokens, _ in plain) != [40] * 6  # some rows ended early: EOS or budget
+
+
 def _recording_decode(prefixes, *args, prefix, **kwargs):
     prefixes.append(prefix)
     return _decode(*args, prefix=prefix, **kwargs)
