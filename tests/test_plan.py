@@ -108,6 +108,39 @@ def test_grpo_plan_has_train_rollout_and_reference_programs(no_persistent_cache)
     assert plan.generated_tokens_per_step == cfg.generation_batch_size * cfg.max_completion_length
 
 
+def test_a_decode_step_spreads_the_chunks_one_off_work_and_a_failed_probe_leaves_its_costs_unknown(monkeypatch):
+    """XLA counts the decode loop's body once and the work around it (cache layouts, hoisted weight casts) in
+    full: `compile_decode` compiles the chunk again with two steps per loop iteration (three steps counted) and
+    reports one step plus the one-off work / chunk_size. Should that probe run out of HBM, the costs are
+    unknown (None), not taken for the whole program's."""
+    from openr1_jax.models.presets import load_model_config
+    from openr1_jax.sharding.mesh import MeshConfig, make_mesh
+    from openr1_jax.train import aot
+
+    def counted(flops: float, nbytes: float) -> aot.CompiledStep:
+        return aot.CompiledStep(None, {}, flops, nbytes, aot.StateBytes(0, 0, 0))
+
+    one_off, step = 320.0, 10.0  # the chunk counts one_off + step, the probe one_off + 3 * step
+    got = aot._per_decode_step(
+        counted(one_off + step, 2 * (one_off + step)), counted(one_off + 3 * step, 2 * (one_off + 3 * step)), 32
+    )
+    assert (got.flops, got.bytes_accessed) == (step + one_off / 32, 2 * (step + one_off / 32))
+
+    compile_once = aot._compile
+    calls = []
+
+    def probe_out_of_hbm(lowered, state):
+        calls.append(1)
+        if len(calls) == 2:
+            raise aot.StepTooLarge("RESOURCE_EXHAUSTED: Ran out of memory on HBM", state)
+        return compile_once(lowered, state)
+
+    monkeypatch.setattr(aot, "_compile", probe_out_of_hbm)
+    mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    chunk = aot.compile_decode(load_model_config("tiny-moe"), mesh, slots=4, cache_len=16, max_new=8, chunk_size=8)
+    assert len(calls) == 2 and chunk.flops is None and chunk.bytes_accessed is None and chunk.peak_bytes > 0
+
+
 def test_sampled_depth_matches_the_full_compile(no_persistent_cache):
     """Compiling at 3 and 4 layers and extrapolating linearly gives what compiling all 6 layers gives."""
     cfg = load_sft_config("default", [*TINY, "model.overrides.num_hidden_layers=6"])

@@ -139,8 +139,9 @@ def compile_program(
             a, b = (compile_at(with_layers(model_cfg, n)) for n in depth.sampled)
             extra = depth.layers - depth.sampled[0]
 
-            def extrapolate(f):
-                return f(a) + extra * (f(b) - f(a))
+            def extrapolate(f):  # None: a cost probe ran out of HBM (`count_scanned_layers`, `compile_decode`)
+                x, y = f(a), f(b)
+                return None if x is None or y is None else x + extra * (y - x)
 
             peak = extrapolate(lambda s: s.peak_bytes)
             temp = extrapolate(lambda s: s.memory["temp"])
