@@ -129,7 +129,6 @@ def test_an_unrolled_decode_loop_runs_the_same_steps(mla_model, tokenizer, monke
     plain = generations()
     monkeypatch.setattr(engine_module, "_decode", functools.partial(_decode, unroll=unroll))
     assert generations() == plain
-    assert sorted(len(tokens) for tokens, _ in plain) != [40] * 6  # some rows ended early: EOS or budget
 
 
 def _recording_decode(prefixes, *args, prefix, **kwargs):

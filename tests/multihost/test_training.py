@@ -16,8 +16,8 @@ from tests.multihost.launch import Processes
 from tests.train.test_sft import TINY as SFT_TINY
 
 # Seconds before a silent process counts as lost, for the run that loses one (the default, 30, would only slow the
-# test). 5 s was too short for a loaded 2-core machine: a compile-heavy stretch once starved both processes'
-# heartbeat threads and the job ended with no process lost. Runs that lose none keep the default.
+# test). 5 s was too short on a loaded 2-core CI machine: a run that lost no process once ended with both
+# declared lost. Runs that lose none keep the default.
 HEARTBEAT = 10
 QUICK_LOSS = {"OPENR1_JAX_HEARTBEAT_TIMEOUT": str(HEARTBEAT)}
 GRPO_TINY = [
