@@ -298,14 +298,14 @@ def compile_decode(
 
         chunk = compile_unrolled(1)
         try:
-            two_steps = compile_unrolled(2)
+            unrolled = compile_unrolled(2)
         except StepTooLarge:  # the probe alone ran out of HBM: its costs are unknown, not wrong
             return dataclasses.replace(chunk, flops=None, bytes_accessed=None)
-    return _per_decode_step(chunk, two_steps, chunk_size)
+    return _per_decode_step(chunk, unrolled, chunk_size)
 
 
-def _per_decode_step(chunk: CompiledStep, two_steps: CompiledStep, chunk_size: int) -> CompiledStep:
-    """`chunk` counts its one-off work and one step (one loop body), `two_steps` the same work and three (a loop
+def _per_decode_step(chunk: CompiledStep, unrolled: CompiledStep, chunk_size: int) -> CompiledStep:
+    """`chunk` counts its one-off work and one step (one loop body), `unrolled` the same work and three (a loop
     of two steps per iteration, then the loop of one): one step plus the one-off work / chunk_size."""
 
     def per_step(one: float, three: float) -> float:
@@ -314,8 +314,8 @@ def _per_decode_step(chunk: CompiledStep, two_steps: CompiledStep, chunk_size: i
 
     return dataclasses.replace(
         chunk,
-        flops=per_step(chunk.flops, two_steps.flops),
-        bytes_accessed=per_step(chunk.bytes_accessed, two_steps.bytes_accessed),
+        flops=per_step(chunk.flops, unrolled.flops),
+        bytes_accessed=per_step(chunk.bytes_accessed, unrolled.bytes_accessed),
     )
 
 
