@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from openr1_jax_kernels.flash_attention.reference import attention_mask, flash_attention_reference
 
+from openr1_jax.models import kv_cache
 from openr1_jax.models.attention import causal_attention, decode_attention
 
 
@@ -76,6 +77,7 @@ def test_the_blocks_skip_the_scores_above_the_diagonal():
 
     def unblocked(q, k, v, segments, scale):  # every score, under the causal mask
         mask = attention_mask(segments, q.shape[1], causal=True)
-        return decode_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask, scale)
+        held = kv_cache.decode_layout(kv_cache.KVCache(k, v))
+        return decode_attention(q, held.k_BxMxHxS, held.v_BxMxSxH, mask, scale)
 
     assert flops(causal_attention) < 0.6 * flops(unblocked)
